@@ -1,0 +1,107 @@
+"""Group-wise asymmetric integer quantization and exact bit packing for 2/3/4/6/8 bits.
+
+A b-bit code is stored as planes of 4, 2 or 1 bits (6 = 4 + 2, 3 = 2 + 1), each plane packed
+along the input dimension, so a row of K codes takes exactly K * b / 8 bytes and unpacking is
+only shifts and masks, which Inductor fuses into the product that consumes the weights.
+
+Shapes: w [..., N, K] (N output rows, K input channels, groups of `group_size` along K);
+        scale, zero [..., N, K // group_size]; packed codes [..., N, K * b // 8] uint8.
+"""
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 3, 4, 6, 8)
+# bit-width -> planes as (bit offset inside the code, plane width)
+PLANES = {8: ((0, 8),), 6: ((0, 4), (4, 2)), 4: ((0, 4),), 3: ((0, 2), (2, 1)), 2: ((0, 2),)}
+SCALE_DTYPE = torch.float16  # one scale (16 bits) and one uint8 zero point (8 bits) per group
+OVERHEAD_BITS_PER_GROUP = 16 + 8
+
+
+class QuantizationError(ValueError):
+    """A weight, a bit-width or a group size that dynamoq cannot quantize as asked."""
+
+
+def check_bits(bits: int) -> int:
+    if bits not in PLANES:
+        raise QuantizationError(f"bit-width {bits!r} is not supported; choose one of {BITS}")
+    return int(bits)
+
+
+def check_group(k: int, group_size: int, what: str = "weight") -> None:
+    if group_size <= 0 or group_size % 8:
+        raise QuantizationError(f"group_size must be a positive multiple of 8, got {group_size}")
+    if k % group_size:
+        raise QuantizationError(
+            f"{what}: input dimension {k} is not divisible by group_size={group_size}; "
+            f"pick a group_size that divides {k} (e.g. {_divisor_hint(k)})")
+
+
+def _divisor_hint(k: int) -> int:
+    for g in (128, 64, 32, 16, 8):
+        if k % g == 0:
+            return g
+    return k
+
+
+def storage_bits(bits: int, group_size: int) -> float:
+    """Average stored bits per weight, counting the scale and zero of every group."""
+    return bits + OVERHEAD_BITS_PER_GROUP / group_size
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., K] (integers in [0, 2**bits)) -> packed [..., K * bits // 8] uint8."""
+    k = codes.shape[-1]
+    if k % 8:
+        raise QuantizationError(f"cannot pack {k} codes per row: the row length must be a multiple of 8")
+    codes = codes.to(torch.int32)
+    planes = []
+    for offset, width in PLANES[check_bits(bits)]:
+        per_byte = 8 // width
+        v = ((codes >> offset) & ((1 << width) - 1)).view(*codes.shape[:-1], k // per_byte, per_byte)
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=codes.device)
+        planes.append((v << shifts).sum(-1).to(torch.uint8))
+    return torch.cat(planes, dim=-1)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """packed [..., K * bits // 8] uint8 -> codes [..., K] int32."""
+    k = packed.shape[-1] * 8 // bits
+    code, start = None, 0
+    for offset, width in PLANES[bits]:
+        n = k * width // 8
+        plane = packed[..., start:start + n].to(torch.int32)
+        start += n
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device)
+        v = ((plane.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).flatten(-2)
+        v = v << offset if offset else v
+        code = v if code is None else code | v
+    return code
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
+    """Round-to-nearest. w [..., N, K] -> (codes [..., N, K] int32, scale, zero [..., N, K // g])."""
+    check_group(w.shape[-1], group_size)
+    qmax = (1 << check_bits(bits)) - 1
+    g = w.float().unflatten(-1, (-1, group_size))                       # [..., N, K/g, g]
+    lo = g.amin(-1).clamp(max=0)
+    hi = g.amax(-1).clamp(min=0)                                        # the range always holds 0
+    scale = ((hi - lo) / qmax).clamp(min=1e-6).to(SCALE_DTYPE)
+    zero = (-lo / scale.float()).round().clamp(0, qmax).to(torch.uint8)
+    codes = quantize_with(w, scale, zero, bits)
+    return codes, scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of w [..., N, K] on a given grid (scale, zero [..., N, K // g])."""
+    qmax = (1 << bits) - 1
+    g = w.float().unflatten(-1, (scale.shape[-1], -1))
+    q = (g / scale.float().unsqueeze(-1)).round() + zero.float().unsqueeze(-1)
+    return q.clamp(0, qmax).flatten(-2).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """codes [..., N, K], scale/zero [..., N, K // g] -> weights [..., N, K] in dtype."""
+    g = codes.unflatten(-1, (scale.shape[-1], -1)).float()
+    w = (g - zero.unsqueeze(-1).float()) * scale.unsqueeze(-1).float()
+    return w.flatten(-2).to(dtype)

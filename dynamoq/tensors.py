@@ -1,0 +1,229 @@
+"""Tensor subclasses that carry packed low-bit weights.
+
+DynaMoExperts: one projection of one MoE layer's experts, every expert with its own bit-width.
+  logical shape [E, N, K] (or [E, K, N] when the family stores experts transposed)
+  scale, zero  [E, N, K // g]          float16 scale and uint8 zero point per group of g inputs
+  q{b}         [E_b, N, K * b // 8]    codes of the E_b experts that have b bits, in expert order
+SwitchableLinear: the same format for a 2D nn.Linear weight [N, K] (shared experts, dense MLPs).
+
+Any op without a dedicated implementation sees the dequantized weight, so every experts
+implementation of transformers runs on these tensors; `expert_linear` is the fused fast path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor
+
+from . import packing
+from .packing import BITS, QuantizationError
+
+aten = torch.ops.aten
+_CODE_NAMES = [f"q{b}" for b in BITS]
+
+
+class _PackedWeight(TorchAOBaseTensor):
+    tensor_data_names = ["scale", "zero"]
+    tensor_attribute_names = ["expert_bits", "group_size", "transposed", "dtype"]
+    optional_tensor_data_names = list(_CODE_NAMES)
+
+    def __new__(cls, scale, zero, expert_bits, group_size, transposed, dtype,
+                q2=None, q3=None, q4=None, q6=None, q8=None):
+        e, n, k = scale.shape[0], scale.shape[1], scale.shape[2] * group_size
+        shape = cls._logical_shape(e, n, k, transposed)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=scale.device,
+                                                   requires_grad=False)
+
+    def __init__(self, scale, zero, expert_bits, group_size, transposed, dtype,
+                 q2=None, q3=None, q4=None, q6=None, q8=None):
+        self.scale, self.zero = scale, zero
+        self.expert_bits = tuple(int(b) for b in expert_bits)
+        self.group_size, self.transposed = int(group_size), bool(transposed)
+        self.q2, self.q3, self.q4, self.q6, self.q8 = q2, q3, q4, q6, q8
+
+    @staticmethod
+    def _logical_shape(e, n, k, transposed):
+        return (e, k, n) if transposed else (e, n, k)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes, scale, zero, expert_bits, group_size, transposed=False, dtype=torch.bfloat16):
+        """codes [E, N, K] integers, scale/zero [E, N, K // g], expert_bits: E ints."""
+        packed = {}
+        for b in sorted(set(expert_bits)):
+            idx = [e for e, eb in enumerate(expert_bits) if eb == b]
+            packed[f"q{b}"] = packing.pack(codes[idx], b)
+        return cls(scale.to(packing.SCALE_DTYPE), zero.to(torch.uint8), expert_bits, group_size, transposed,
+                   dtype, **packed)
+
+    @classmethod
+    def from_float(cls, w, expert_bits, group_size=128, transposed=False):
+        """Round-to-nearest. w is the logical weight; expert_bits one bit-width per leading row."""
+        w3 = cls._to_nk(w, transposed)
+        if len(expert_bits) != w3.shape[0]:
+            raise QuantizationError(f"got {len(expert_bits)} bit-widths for {w3.shape[0]} experts")
+        for b in expert_bits:
+            packing.check_bits(b)
+        packing.check_group(w3.shape[-1], group_size, f"weight of shape {tuple(w.shape)}")
+        e, n, k = w3.shape
+        codes = torch.empty(e, n, k, dtype=torch.int32, device=w.device)
+        scale = torch.empty(e, n, k // group_size, dtype=packing.SCALE_DTYPE, device=w.device)
+        zero = torch.empty(e, n, k // group_size, dtype=torch.uint8, device=w.device)
+        for b in sorted(set(expert_bits)):
+            idx = torch.tensor([i for i, eb in enumerate(expert_bits) if eb == b], device=w.device)
+            codes[idx], scale[idx], zero[idx] = packing.quantize_rtn(w3[idx], b, group_size)
+        return cls.from_codes(codes, scale, zero, expert_bits, group_size, transposed, w.dtype)
+
+    @staticmethod
+    def _to_nk(w, transposed):
+        return w.transpose(-1, -2) if transposed else w
+
+    # ---- reading --------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return len(self.expert_bits)
+
+    def _slots(self):
+        """expert -> (bit-width, position among the experts of that bit-width)."""
+        seen = {b: 0 for b in BITS}
+        out = []
+        for b in self.expert_bits:
+            out.append((b, seen[b]))
+            seen[b] += 1
+        return out
+
+    def codes(self) -> torch.Tensor:
+        """All codes [E, N, K] int32, in expert order (for tests and re-quantization)."""
+        parts = {b: packing.unpack(getattr(self, f"q{b}"), b) for b in set(self.expert_bits)}
+        return torch.stack([parts[b][s] for b, s in self._slots()])
+
+    def dequantize_nk(self, dtype=None) -> torch.Tensor:
+        """[E, N, K] in dtype (storage layout, never transposed)."""
+        groups, order = [], []
+        for b in sorted(set(self.expert_bits)):
+            idx = [e for e, eb in enumerate(self.expert_bits) if eb == b]
+            groups.append(packing.dequantize(packing.unpack(getattr(self, f"q{b}"), b),
+                                             self.scale[idx], self.zero[idx], dtype or self.dtype))
+            order += idx
+        w = torch.cat(groups) if len(groups) > 1 else groups[0]
+        if order != sorted(order):
+            inv = [0] * len(order)
+            for pos, e in enumerate(order):
+                inv[e] = pos
+            w = w[torch.tensor(inv, device=w.device)]
+        return w
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The logical weight as a plain tensor."""
+        w = self.dequantize_nk(dtype)
+        w = w.transpose(-1, -2) if self.transposed else w
+        return w if self._is_3d else w[0]
+
+    def storage_bytes(self) -> int:
+        """Bytes really held by the packed codes, scales and zero points."""
+        names = self.tensor_data_names + [n for n in _CODE_NAMES if getattr(self, n) is not None]
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    def _stable_hash_for_caching(self) -> str:
+        # the compiled graph depends on the layout metadata, not on the weight values
+        shapes = [tuple(getattr(self, n).shape) for n in self.tensor_data_names + _CODE_NAMES
+                  if getattr(self, n) is not None]
+        return f"{type(self).__name__}-{self.expert_bits}-{self.group_size}-{self.transposed}-{self.dtype}-{shapes}"
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(shape={tuple(self.shape)}, bits={self.expert_bits}, "
+                f"group_size={self.group_size}, transposed={self.transposed}, dtype={self.dtype})")
+
+
+class DynaMoExperts(_PackedWeight):
+    """Fused 3D expert weights of one projection, one bit-width per expert."""
+    _is_3d = True
+
+    def expert_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """y[s] = W[ids[s]] @ x[s] for x [S, K] and ids [S]: gather, unpack, dequantize and
+        reduce in one expression per bit-width group, which Inductor fuses into one loop."""
+        x = x.float()
+        out = None
+        slot_of = torch.tensor([s for _, s in self._slots()], device=ids.device)
+        bits_of = torch.tensor(self.expert_bits, device=ids.device)
+        for b in sorted(set(self.expert_bits)):
+            rows = slot_of[ids]                                                    # [S]
+            codes = packing.unpack(getattr(self, f"q{b}")[rows], b)                # [S, N, K]
+            w = packing.dequantize(codes, self.scale[ids], self.zero[ids])         # [S, N, K]
+            y = (w * x[:, None, :]).sum(-1)                                        # [S, N]
+            if len(set(self.expert_bits)) > 1:
+                y = torch.where((bits_of[ids] == b)[:, None], y, 0.0)
+            out = y if out is None else out + y
+        return out
+
+
+class SwitchableLinear(_PackedWeight):
+    """A packed 2D nn.Linear weight [N, K] (shared experts, dense MLPs)."""
+    _is_3d = False
+
+    @staticmethod
+    def _logical_shape(e, n, k, transposed):
+        return (n, k)
+
+    @classmethod
+    def from_float(cls, w, bits, group_size=128):
+        return super().from_float(w[None], (bits,), group_size)
+
+    @property
+    def bits(self) -> int:
+        return self.expert_bits[0]
+
+
+# ---- ops ----------------------------------------------------------------------------------------
+def _plain(x):
+    return x.dequantize() if isinstance(x, _PackedWeight) else x
+
+
+def _to_copy(func, types, args, kwargs):
+    self = args[0]
+    kw = self._get_to_kwargs(*args[1:], **kwargs)
+    moved = self._apply_fn_to_data(lambda t: t.to(kw["device"]))
+    out = type(self)(moved.scale, moved.zero, self.expert_bits, self.group_size, self.transposed, kw["dtype"],
+                     **{n: getattr(moved, n) for n in _CODE_NAMES})
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+for _cls in (DynaMoExperts, SwitchableLinear):  # .to(dtype) changes the dtype it dequantizes to
+    _cls.implements(aten._to_copy.default)(_to_copy)
+
+
+@DynaMoExperts.implements(aten.select.int)
+def _select(func, types, args, kwargs):
+    self, dim, index = args
+    if dim != 0:
+        return func(self.dequantize(), dim, index)
+    index = index % self.num_rows
+    b, slot = self._slots()[index]
+    w = packing.dequantize(packing.unpack(getattr(self, f"q{b}")[slot], b), self.scale[index],
+                           self.zero[index], self.dtype)
+    return w.transpose(-1, -2) if self.transposed else w
+
+
+@SwitchableLinear.implements_torch_function(F.linear)
+def _linear(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return F.linear(x, _plain(w).to(x.dtype), bias)
+
+
+def _fallback(func, types, args, kwargs):
+    """Any other op: run it on the dequantized weight (correct everywhere, fast nowhere)."""
+    args = torch.utils._pytree.tree_map(_plain, args)
+    kwargs = torch.utils._pytree.tree_map(_plain, kwargs or {})
+    return func(*args, **kwargs)
+
+
+def _dispatch(cls, func, types, args=(), kwargs=None):
+    table = cls._ATEN_OP_TABLE[cls]
+    if func in table:
+        return table[func](func, types, args, kwargs or {})
+    return _fallback(func, types, args, kwargs)
+
+
+_PackedWeight.__torch_dispatch__ = classmethod(_dispatch)
