@@ -148,7 +148,7 @@ class DynaMoExperts(_PackedWeight):
         slot_of = torch.tensor([s for _, s in self._slots()], device=ids.device)
         bits_of = torch.tensor(self.expert_bits, device=ids.device)
         for b in sorted(set(self.expert_bits)):
-            rows = slot_of[ids]                                                    # [S]
+            rows = torch.where(bits_of[ids] == b, slot_of[ids], 0)                 # [S]
             codes = packing.unpack(getattr(self, f"q{b}")[rows], b)                # [S, N, K]
             w = packing.dequantize(codes, self.scale[ids], self.zero[ids])         # [S, N, K]
             y = (w * x[:, None, :]).sum(-1)                                        # [S, N]

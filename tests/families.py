@@ -36,19 +36,20 @@ TINY = {
     "axk1": {**DS, **MLA},
     "axk2": {**DS, **MLA, **IDX, "gated_norm_rank": 8},
     "bailing_hybrid": {**DS, **MLA, "num_local_experts": 4, "first_k_dense_replace": 1, "layer_group_size": 2},
-    "beam": {**QW, "n_group": 1, "topk_group": 1},
+    "beam": {**QW, "n_group": 1, "topk_group": 1, "mlp_layer_types": ["dense", "sparse"]},
     "cohere2_moe": {**QW, "num_shared_experts": 1},
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
     "deepseek_v2": {**DS, **MLA, "first_k_dense_replace": 1},
     "deepseek_v32": {**DS, **MLA, **IDX, "first_k_dense_replace": 1},
-    "deepseek_v4": {**DS, **IDX, "num_key_value_heads": 1, "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 32, "sliding_window": 4, "hc_mult": 2},
+    "deepseek_v4": {**DS, **IDX, "num_key_value_heads": 1, "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 32,
+                    "sliding_window": 4, "hc_mult": 2, "mlp_layer_types": ["hash_moe", "moe"]},
     "dots1": {**DS, "first_k_dense_replace": 1},
     "dots3_note_text": {**DS, **MLA, **IDX, "shared_experts_intermediate_size": 32},
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
     "exaone_moe": {**QW, "num_shared_experts": 1, "first_k_dense_replace": 1},
     "flex_olmo": QW,
-    "flint": {**QW, **SH},
+    "flint": {**QW, **SH, "mlp_only_layers": [0]},
     "gemma4_text": {**QW, "enable_moe_block": True, "top_k_experts": 2, "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16},
     "glm4_moe": {**DS, "first_k_dense_replace": 1},
     "glm4_moe_lite": {**DS, **MLA, "first_k_dense_replace": 1},
@@ -72,7 +73,7 @@ TINY = {
     "lara_mini": {**QW, **SH, **LIN},
     "lfm2_moe": {**QW, "num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
     "llama4_text": {**LE, "intermediate_size": 32, "intermediate_size_mlp": 64, "interleave_moe_layer_step": 2},
-    "longcat_flash": dict(num_layers=2, ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, moe_topk=2, **MLA),
+    "longcat_flash": dict(ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, moe_topk=2, **MLA),
     "mellum": QW,
     "mimo_v2_flash": {**DS, "v_head_dim": 16},
     "minimax": {**LE, "intermediate_size": 32, "block_size": 4},
@@ -88,10 +89,16 @@ TINY = {
     "zaya": {**QW, "num_experts_per_tok": 1, "router_hidden_size": 32},  # top-1 only,
 }
 
+# Composite (multimodal) configs whose AutoModelForCausalLM target holds the same text MoE as `<type>_text`.
+for _mt, _extra in {"dots3_note": dict(vision_config=dict(adapter_out_dim=64), audio_config=dict(adapter_out_dim=64)), "gemma4": {}, "llama4": {},
+                    "qwen3_5_moe": {}, "qwen4_exp": {}}.items():
+    TINY[_mt] = dict(text_config={**BASE, **TINY[f"{_mt}_text"]}, **_extra)
+
 UNBUILDABLE = {}
 
 CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
-    return AutoConfig.for_model(model_type, **{**BASE, **TINY[model_type]})
+    kwargs = TINY[model_type]
+    return AutoConfig.for_model(model_type, **(kwargs if "text_config" in kwargs else {**BASE, **kwargs}))
