@@ -1,0 +1,153 @@
+import copy
+
+import pytest
+import torch
+import torchao
+from conftest import build, tokens
+
+import dynamoq
+from dynamoq import DynaMoConfig, DynaMoExperts, QuantizationError, SwitchableLinear, UnsupportedModelError
+
+
+def _flat(model):
+    """Every tensor of the model, quantized ones split into their packed parts."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if isinstance(t, DynaMoExperts | SwitchableLinear):
+            names, attrs = t.__tensor_flatten__()
+            out.update({f"{name}.{n}": getattr(t, n) for n in names})
+            out[f"{name}.meta"] = attrs
+        else:
+            out[name] = t
+    return out
+
+
+def _plain_params(model):
+    return {n: p for n, p in model.named_parameters()}
+
+
+def test_dynamoq_quantize_equals_torchao_quantize_with_moe_filter():
+    a = build("qwen2_moe")
+    b = copy.deepcopy(a)
+    cfg = DynaMoConfig(expert_bits={0: [2, 3, 4, 8], 1: [6, 4, 4, 2]}, group_size=32)
+    dynamoq.quantize_(a, cfg)
+    torchao.quantization.quantize_(b, cfg, filter_fn=dynamoq.moe_filter)
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert (fa[k] == fb[k]) if k.endswith(".meta") else torch.equal(fa[k], fb[k]), k
+    x = tokens(a)
+    assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_per_expert_bits_are_applied_and_reported():
+    m = build("mixtral")
+    bits = {0: [2, 3, 4, 8], 1: [6, 4, 4, 2]}
+    dynamoq.quantize_(m, DynaMoConfig(expert_bits=bits, group_size=32))
+    rep = dynamoq.bits_report(m)
+    assert rep["experts"] == bits
+    for layer, bs in bits.items():
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(m.model.layers[layer].mlp.experts, name)
+            assert isinstance(w, DynaMoExperts) and w.expert_bits == tuple(bs)
+            assert all(int(w.codes()[e].max()) < 2 ** b for e, b in enumerate(bs))
+    # storage counted from the tensors: codes + fp16 scale + uint8 zero per group of 32
+    n_weights = sum(getattr(m.model.layers[i].mlp.experts, p).numel() for i in bits for p in ("gate_up_proj", "down_proj"))
+    per_expert = n_weights // 8
+    expected = sum(per_expert * (b + 24 / 32) for bs in bits.values() for b in bs) / 8
+    assert rep["bytes"] == expected
+    assert rep["storage_bits"] == pytest.approx(sum(b for bs in bits.values() for b in bs) / 8 + 24 / 32)
+
+
+def test_routers_embeddings_head_and_norms_stay_as_they_are():
+    m = build("qwen2_moe")
+    before = _plain_params(m)
+    dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=32))
+    after = _plain_params(m)
+    changed = {n for n in before if after[n] is not before[n]}
+    assert changed and all(".experts." in n or ".shared_expert." in n for n in changed), changed
+    assert after["model.layers.0.mlp.shared_expert_gate.weight"] is before["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert isinstance(after["model.layers.0.mlp.shared_expert.up_proj.weight"], SwitchableLinear)
+    assert after["model.layers.0.mlp.shared_expert.up_proj.weight"].bits == 8
+
+
+def test_shared_experts_and_dense_layers_take_their_own_widths():
+    m = build("deepseek_v3")
+    dynamoq.quantize_(m, DynaMoConfig(bits=3, shared_bits=6, dense_bits=4, group_size=32))
+    assert m.model.layers[0].mlp.gate_proj.weight.bits == 4               # dense first layer
+    assert m.model.layers[1].mlp.shared_experts.down_proj.weight.bits == 6
+    assert m.model.layers[1].mlp.experts.down_proj.expert_bits == (3,) * 4
+    assert not isinstance(m.model.layers[1].mlp.gate.weight, SwitchableLinear | DynaMoExperts)  # router
+    assert torch.isfinite(m(tokens(m)).logits).all()
+
+
+def test_quantizing_twice_is_refused_and_changes_nothing():
+    m = build("olmoe")
+    dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=32))
+    before = _flat(m)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        dynamoq.quantize_(m, DynaMoConfig(bits=2, group_size=32))
+    after = _flat(m)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith(".meta"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=5), "bit-width 5 is not supported"),
+    (dict(expert_bits={0: [4, 4, 4, 7]}), "bit-width 7 is not supported"),
+])
+def test_unknown_bit_width_is_a_clear_error(kwargs, match):
+    with pytest.raises(QuantizationError, match=match):
+        DynaMoConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=4, group_size=48), "input dimension 64 is not divisible by group_size=48"),
+    (dict(expert_bits={0: [4, 4, 4]}, bits=4, group_size=32), r"expert_bits\[0\] lists 3 bit-widths but layer 0 has 4"),
+    (dict(expert_bits={7: [4, 4, 4, 4]}, group_size=32), r"layers \[7\] that have no MoE block"),
+    (dict(expert_bits={0: [4, 4, 4, 4]}, group_size=32), "no entry for MoE layer 1"),
+])
+def test_bad_configs_fail_before_anything_changes(kwargs, match):
+    m = build("qwen3_moe")
+    before = _plain_params(m)
+    with pytest.raises(QuantizationError, match=match):
+        dynamoq.quantize_(m, DynaMoConfig(**kwargs))
+    after = _plain_params(m)
+    assert all(after[n] is before[n] for n in before)
+
+
+def test_a_failure_midway_puts_every_weight_back(monkeypatch):
+    m = build("mixtral")
+    before = _plain_params(m)
+    x = tokens(m)
+    ref = m(x).logits
+    calls = []
+    real = DynaMoExperts.from_float.__func__
+
+    def flaky(cls, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(DynaMoExperts, "from_float", classmethod(flaky))
+    with pytest.raises(RuntimeError, match="simulated"):
+        dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=32))
+    assert len(calls) == 3
+    after = _plain_params(m)
+    assert all(after[n] is before[n] for n in before)
+    assert torch.equal(m(x).logits, ref)
+
+
+def test_a_model_without_moe_names_its_class():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    m = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM has no MoE block"):
+        dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=32))
+
+
+def test_torchao_quantize_without_the_filter_is_explained():
+    m = build("mixtral")
+    # torchao's default filter passes only nn.Linear: the handler says what to pass instead
+    with pytest.raises(QuantizationError, match="filter_fn=dynamoq.moe_filter"):
+        torchao.quantization.quantize_(m, DynaMoConfig(bits=4, group_size=32))
