@@ -1,7 +1,8 @@
 """Tiny configs for every MoE family whose causal-LM class holds an experts module (transformers 5.24).
 
-`tiny_config(mt)` = AutoConfig.for_model(mt, **BASE | TINY[mt]).  All expert input dims (hidden 64,
-expert intermediate 32/64) are multiples of 32.  Families with dense prefix layers get >=1 dense + >=1 MoE layer.
+`tiny_config(mt)` = AutoConfig.for_model(mt, **BASE | TINY[mt]) (composite configs: BASE goes inside text_config).
+hidden 64, 4 heads, 4 experts, top-2, expert intermediate 32 or 64: every Linear / expert input dim is a multiple of 32.
+Families with dense prefix layers get >=1 dense + >=1 MoE layer.  Survey notes: FAMILIES_SURVEY.md.
 """
 
 from transformers import AutoConfig, PretrainedConfig
@@ -50,52 +51,62 @@ TINY = {
     "exaone_moe": {**QW, "num_shared_experts": 1, "first_k_dense_replace": 1},
     "flex_olmo": QW,
     "flint": {**QW, **SH, "mlp_only_layers": [0]},
-    "gemma4_text": {**QW, "enable_moe_block": True, "top_k_experts": 2, "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 32,
-                    "global_head_dim": 16},
+    "gemma4_text": {**QW, "enable_moe_block": True, "top_k_experts": 2, "global_head_dim": 16,
+                    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 32},
     "glm4_moe": {**DS, "first_k_dense_replace": 1},
     "glm4_moe_lite": {**DS, **MLA, "first_k_dense_replace": 1},
     "glm_moe_dsa": {**DS, **MLA, **IDX, "first_k_dense_replace": 1},
     "gpt_oss": {**LE, "intermediate_size": 32},
     "granitemoe": {**LE, "intermediate_size": 32},
     "granitemoe_swa": {**LE, "intermediate_size": 32, "shared_intermediate_size": 32},
-    "granitemoehybrid": {**LE, "layer_types": ["linear_attention", "full_attention"], "intermediate_size": 32, "shared_intermediate_size": 32, "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_d_head": 32, "mamba_chunk_size": 8},
+    "granitemoehybrid": {**LE, "intermediate_size": 32, "shared_intermediate_size": 32, "layer_types": ["linear_attention", "full_attention"],
+                         "mamba_n_heads": 4, "mamba_d_state": 16, "mamba_d_head": 32, "mamba_chunk_size": 8},
     "granitemoeshared": {**LE, "intermediate_size": 32, "shared_intermediate_size": 32},
     "hunyuan_v1_moe": {**QW, "moe_topk": 2, "intermediate_size": 32},
     "hy_v3": {**QW, "num_shared_experts": 1},
     "hy_v4": {**DS, **MLA, **IDX, "hc_mult": 2},
     "inkling_text": {**INK, "n_shared_experts": 1},
     "inkling2_text": INK,
-    "inkling2_loop_text": {**INK, "num_hidden_layers": 3, "loop_layer_index_start": 1, "loop_layer_index_end": 2, "loop_num_passes": 2, "loop_gate_rank": 32},
-    "jamba": {**QW, "use_mamba_kernels": False, "mamba_dt_rank": 32, "attn_layer_period": 2, "attn_layer_offset": 0},
+    "inkling2_loop_text": {**INK, "num_hidden_layers": 3, "loop_layer_index_start": 1, "loop_layer_index_end": 2,
+                           "loop_num_passes": 2, "loop_gate_rank": 32},
+    "jamba": {**QW, "use_mamba_kernels": False, "mamba_dt_rank": 32, "attn_layer_period": 2, "attn_layer_offset": 0},  # L0 attn+dense, L1 mamba+MoE
     "jetmoe": {**LE, "intermediate_size": 32, "kv_channels": 16},
-    "kimi_linear": {**DS, **MLA, "num_local_experts": 4, "linear_head_dim": 32, "linear_num_heads": 2, "layer_types": ["linear_attention", "full_attention"]},
+    "kimi_linear": {**DS, **MLA, "num_local_experts": 4, "linear_head_dim": 32, "linear_num_heads": 2,
+                    "layer_types": ["linear_attention", "full_attention"]},
     "kolibri1": {**QW, **SH},
     "laguna": {**QW, **SH},
     "lara_mini": {**QW, **SH, **LIN},
     "lfm2_moe": {**QW, "num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
     "llama4_text": {**LE, "intermediate_size": 32, "intermediate_size_mlp": 64, "interleave_moe_layer_step": 2},
+    # num_hidden_layers=2 -> num_layers=1 longcat layer (2 attn + 2 dense MLP sub-blocks + 1 MoE, 2 zero/identity experts)
     "longcat_flash": dict(ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, moe_topk=2, **MLA),
     "mellum": QW,
     "mimo_v2_flash": {**DS, "v_head_dim": 16},
     "minimax": {**LE, "intermediate_size": 32, "block_size": 4},
     "minimax_m2": {**LE, "intermediate_size": 32},
-    "minimax_m3_vl_text": {**LE, **IDX, "intermediate_size": 32, "dense_intermediate_size": 64, "shared_intermediate_size": 32, "rotary_dim": 8, "index_block_size": 4},
-    "nemotron_h": {**DS, "layers_block_type": ["linear_attention", "full_attention", "moe", "mlp"], "moe_shared_expert_intermediate_size": 32, "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1, "chunk_size": 8, "use_mamba_kernels": False},
+    "minimax_m3_vl_text": {**LE, **IDX, "intermediate_size": 32, "dense_intermediate_size": 64, "shared_intermediate_size": 32,
+                           "rotary_dim": 8, "index_block_size": 4},
+    # nemotron_h "layers" are single-mixer blocks: mamba, attention, MoE, dense MLP (= the family's default pattern)
+    "nemotron_h": {**DS, "layers_block_type": ["linear_attention", "full_attention", "moe", "mlp"], "moe_shared_expert_intermediate_size": 32,
+                   "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1, "chunk_size": 8, "use_mamba_kernels": False},
     "phimoe": LE,
     "qwen3_5_moe_text": {**QW, **SH, **LIN, "layer_types": ["linear_attention", "full_attention"]},
     "qwen3_next": {**QW, **SH, **LIN, "layer_types": ["linear_attention", "full_attention"]},
     "qwen4_exp_text": {**QW, **SH, **LIN, "layer_types": ["linear_attention", "full_attention"], "hc_lowrank": 32,
                        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8, "indexer_compress_ratio": 4},
     "solar_open": DS,
-    "zaya": {**QW, "num_experts_per_tok": 1, "router_hidden_size": 32},  # top-1 only,
+    "zaya": {**QW, "num_experts_per_tok": 1, "router_hidden_size": 32},  # config rejects top-k != 1
 }
 
 # Composite (multimodal) configs whose AutoModelForCausalLM target holds the same text MoE as `<type>_text`.
-for _mt, _extra in {"dots3_note": dict(vision_config=dict(adapter_out_dim=64), audio_config=dict(adapter_out_dim=64)), "gemma4": {}, "llama4": {},
+# (dots3_note only validates that its vision/audio adapters output text hidden_size; gemma4 gets no vision tower.)
+_ADAPTER = dict(adapter_out_dim=64)
+for _mt, _extra in {"dots3_note": dict(vision_config=_ADAPTER, audio_config=_ADAPTER), "gemma4": {}, "llama4": {},
                     "qwen3_5_moe": {}, "qwen4_exp": {}}.items():
     TINY[_mt] = dict(text_config={**BASE, **TINY[f"{_mt}_text"]}, **_extra)
 
-UNBUILDABLE = {}
+# Every MoE causal-LM family in transformers 5.24 builds and runs on CPU; nothing to list.
+UNBUILDABLE: dict[str, str] = {}
 
 CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 

@@ -1,0 +1,57 @@
+"""Significance at three levels (METHOD.md §1), each one small function of calibration sums.
+
+Notation for one MoE layer and one dataset, projection p with input channels c:
+  n[e]          tokens routed to expert e
+  x2[e, c]      sum over routed tokens of x_c^2            (E[x_c^2] = x2 / n)
+  wx2[e, c]     sum over routed tokens of w_te * x_c^2     (w_te: routing weight)
+  col2[e, c]    ||W_e[:, c]||^2                            (energy of input channel c in the weight)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def column_energy(w_nk: torch.Tensor) -> torch.Tensor:
+    """col2 [E, K] = squared norm of every input column of W [E, N, K]."""
+    return w_nk.float().pow(2).sum(-2)
+
+
+def channel_significance(x2: torch.Tensor, n: torch.Tensor, col2: torch.Tensor) -> torch.Tensor:
+    """S_ch [E, K] = E[x_c^2 over tokens routed to e] * ||W_e[:, c]||^2 (0 for an expert with no token)."""
+    mean_x2 = x2 / n.clamp(min=1).unsqueeze(-1).to(x2.dtype)
+    return mean_x2 * col2.to(x2.dtype)
+
+
+def expert_significance(wx2: list[torch.Tensor], col2: list[torch.Tensor]) -> torch.Tensor:
+    """S_exp [E] (paper Eq. 1): each expert's share of its layer's routed, weighted channel energy,
+    sum over projections p and channels c of wx2_p[e, c] * col2_p[e, c], normalised to sum to 1."""
+    s = sum((a.double() * b.double()).sum(-1) for a, b in zip(wx2, col2))
+    total = s.sum()
+    return s / total if total > 0 else torch.full_like(s, 1.0 / s.numel())
+
+
+def synthesize(per_dataset: torch.Tensor, weights: torch.Tensor | None = None, lam: float = 1.0) -> torch.Tensor:
+    """Cross-dataset significance (paper Eq. 2, our reading): weighted mean over datasets plus
+    lam times the across-dataset standard deviation. per_dataset [D, E] -> [E]."""
+    d = per_dataset.shape[0]
+    w = torch.full((d,), 1.0 / d, dtype=per_dataset.dtype) if weights is None else weights.to(per_dataset.dtype)
+    w = w / w.sum()
+    mean = (w[:, None] * per_dataset).sum(0)
+    std = ((w[:, None] * (per_dataset - mean).pow(2)).sum(0)).sqrt() if d > 1 else torch.zeros_like(mean)
+    return mean + lam * std
+
+
+def channel_dynamics(s_ch: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """How much each channel's significance changes across datasets: std over datasets of
+    log S_ch. s_ch [D, E, K] -> [E, K] (0 when there is a single dataset)."""
+    if s_ch.shape[0] < 2:
+        return torch.zeros_like(s_ch[0])
+    return torch.log(s_ch.double() + eps).std(0, unbiased=False).to(s_ch.dtype)
+
+
+def top_share(dynamics: torch.Tensor, fraction: float = 0.01) -> float:
+    """Share of the total cross-dataset change carried by the top `fraction` most dynamic channels."""
+    flat = dynamics.flatten().double()
+    k = max(1, int(round(fraction * flat.numel())))
+    total = flat.sum()
+    return float(flat.topk(k).values.sum() / total) if total > 0 else 0.0
