@@ -32,6 +32,8 @@ class ExpertsAdapter:
     matches: Callable[[nn.Module], bool]
     projections: Callable[[nn.Module], tuple[Projection, ...]]
     fused: bool = True              # fused 3D parameters; False: a ModuleList of per-expert MLPs
+    calibration: str | None = None  # why calibration hooks cannot serve it (None: they can)
+    refusal: str | None = None      # why it cannot be quantized at all (None: it can)
 
 
 def _is_fused_experts(m: nn.Module) -> bool:
@@ -55,14 +57,31 @@ def _list_projections(m: nn.Module) -> tuple[Projection, ...]:
     return tuple(Projection(n, False) for n in names)
 
 
+def _named(*classes: str) -> Callable[[nn.Module], bool]:
+    return lambda m: type(m).__name__ in classes
+
+
+_NO_ROUTING_ARGS = "its experts are called on pre-routed dense inputs, not (hidden_states, top_k_index, top_k_weights)"
 ADAPTERS: list[ExpertsAdapter] = [
+    # transformers 5's fused experts ([E, 2I, H] / [E, H, I], or transposed), decorated with
+    # @use_experts_implementation: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, ... (most families)
     ExpertsAdapter("fused-3d", _is_fused_experts, _fused_projections),
-    ExpertsAdapter("expert-list", _is_expert_list, _list_projections, fused=False),
+    # Llama-4: fused and transposed, its own bmm forward over every expert
+    ExpertsAdapter("llama4", _named("Llama4TextExperts"),
+                   lambda m: (Projection("gate_up_proj", True), Projection("down_proj", True)),
+                   calibration=_NO_ROUTING_ARGS),
+    ExpertsAdapter("dbrx", _named("DbrxExperts"), lambda m: (), refusal=(
+        "DBRX stores experts as 2D [E*I, H] matrices inside experts.mlp (w1, v1, w2); not supported yet")),
+    ExpertsAdapter("longcat", _named("LongcatFlashExperts"), lambda m: (), refusal=(
+        "LongCat-Flash's gate_up_proj holds rows for zero-computation experts that down_proj lacks; not supported yet")),
+    # older or custom models: a ModuleList of per-expert MLPs made of nn.Linear
+    ExpertsAdapter("expert-list", _is_expert_list, _list_projections, fused=False,
+                   calibration="calibration hooks serve fused experts only"),
 ]
 
 # Children of an MoE block that are full-precision helpers, never quantized.
 ROUTER_NAMES = ("gate", "router", "gating_network", "switch_mlp_gate")
-SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp", "shared_mlps")
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")  # inside the block or beside it (Granite)
 EXPERTS_NAMES = ("experts",)
 DENSE_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -126,12 +145,19 @@ def is_dense_mlp(module: nn.Module, fqn: str) -> bool:
     return len(linears) >= 2 and all(isinstance(c, nn.Linear) or not list(c.parameters()) for c in children)
 
 
+def is_shared_expert(module: nn.Module, fqn: str) -> bool:
+    return fqn.rsplit(".", 1)[-1] in SHARED_NAMES and experts_of(module) is None
+
+
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """Every MoE block of the model, in order; a clear error if there is none."""
+    """Every MoE block of the model, in order; a clear error if there is none or if one is of a
+    storage form dynamoq refuses."""
     blocks = []
     for fqn, module in model.named_modules():
         block = as_block(module, fqn)
         if block is not None:
+            if block.adapter.refusal:
+                raise UnsupportedModelError(f"{type(model).__name__}: {block.adapter.refusal}")
             blocks.append(block)
     if not blocks:
         raise UnsupportedModelError(

@@ -2,6 +2,8 @@
 and `quantize_` (torchao's, with that filter, a check of the whole plan first, and no half-done model)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torchao.quantization import quantize_ as _torchao_quantize_
@@ -15,46 +17,84 @@ from .tensors import DynaMoExperts, SwitchableLinear, _PackedWeight
 _FQN = "_dynamoq_fqn"
 
 
+@dataclass
+class Target:
+    """One weight to quantize: owner.<name>, with one bit-width per expert (one for a 2D weight)."""
+    owner: nn.Module
+    name: str
+    fqn: str
+    bits: tuple[int, ...]
+    transposed: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
+
+    def check(self, group_size: int) -> None:
+        w = self.weight
+        if isinstance(w, _PackedWeight):
+            raise QuantizationError(f"{self.fqn} is already quantized ({w!r}); quantize the original model instead")
+        rows = w.shape[0] if w.ndim == 3 else 1
+        if len(self.bits) != rows:
+            raise QuantizationError(f"{self.fqn}: {len(self.bits)} bit-widths for {rows} experts")
+        check_group(w.shape[-2] if self.transposed else w.shape[-1], group_size, self.fqn)
+
+    def apply(self, group_size: int) -> None:
+        w = self.weight.data
+        if w.ndim == 3:
+            q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed)
+        else:
+            q = SwitchableLinear.from_float(w, self.bits[0], group_size)
+        setattr(self.owner, self.name, nn.Parameter(q, requires_grad=False))
+
+
+def _dense_targets(module: nn.Module, prefix: str, bits: int | None) -> list[Target]:
+    """Linear weights, and 3D expert-like parameters (e.g. Inkling's shared experts), of a dense part."""
+    if bits is None:
+        return []
+    out = []
+    for name, m in module.named_modules():
+        fqn = f"{prefix}.{name}" if name else prefix
+        if isinstance(m, nn.Linear):
+            out.append(Target(m, "weight", f"{fqn}.weight", (bits,)))
+        elif not list(m.children()):
+            for pname, p in m.named_parameters(recurse=False):
+                if p.ndim == 3:
+                    out.append(Target(m, pname, f"{fqn}.{pname}", (bits,) * p.shape[0]))
+    return out
+
+
+def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Target]:
+    """What the handler will quantize in one module that moe_filter passed."""
+    block = adapters.as_block(module, fqn)
+    if block is None:
+        bits = config.shared_bits if adapters.is_shared_expert(module, fqn) else config.dense_bits
+        return _dense_targets(module, fqn, bits)
+    if block.adapter.refusal:
+        raise adapters.UnsupportedModelError(block.adapter.refusal)
+    bits = config.bits_for(block.layer, block.num_experts)
+    prefix = f"{fqn}.experts" if fqn else "experts"
+    if block.adapter.fused:
+        out = [Target(block.experts, p.name, f"{prefix}.{p.name}", bits, p.transposed) for p in block.projections]
+    else:
+        out = [t for e, b in zip(range(len(block.experts)), bits)
+               for t in _dense_targets(block.experts[e], f"{prefix}.{e}", b)]
+    for name, shared in block.shared.items():
+        out += _dense_targets(shared, f"{fqn}.{name}", config.shared_bits)
+    for name, child in module.named_children():          # a dense MLP beside the experts (Gemma-4)
+        if adapters.is_dense_mlp(child, f"{fqn}.{name}"):
+            out += _dense_targets(child, f"{fqn}.{name}", config.dense_bits)
+    return out
+
+
 def moe_filter(module: nn.Module, fqn: str) -> bool:
-    """torchao filter: True for MoE blocks and dense MLP layers (it records the module's name,
-    which the handler needs to know the decoder layer)."""
-    if adapters.experts_of(module) is not None or adapters.is_dense_mlp(module, fqn):
+    """torchao filter: True for MoE blocks, shared experts and dense MLP layers (it records the
+    module's name, which the handler needs to know the decoder layer)."""
+    if (adapters.experts_of(module) is not None or adapters.is_dense_mlp(module, fqn)
+            or adapters.is_shared_expert(module, fqn)):
         module.__dict__[_FQN] = fqn
         return True
     return False
-
-
-def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    setattr(module, name, nn.Parameter(tensor, requires_grad=False))
-
-
-def _quantize_linears(module: nn.Module, bits: int, group_size: int) -> None:
-    for name, lin in list(module.named_modules()):
-        if isinstance(lin, nn.Linear):
-            _refuse_quantized(lin.weight, name)
-            _set(lin, "weight", SwitchableLinear.from_float(lin.weight.data, bits, group_size))
-
-
-def _refuse_quantized(w: torch.Tensor, name: str) -> None:
-    if isinstance(w, _PackedWeight):
-        raise QuantizationError(f"{name} is already quantized ({w!r}); quantize the original model instead")
-
-
-def _quantize_block(block: adapters.MoEBlock, config: DynaMoConfig) -> None:
-    bits = config.bits_for(block.layer, block.num_experts)
-    if block.adapter.fused:
-        for p in block.projections:
-            w = getattr(block.experts, p.name)
-            _refuse_quantized(w, f"{block.fqn}.experts.{p.name}")
-            _set(block.experts, p.name, DynaMoExperts.from_float(w.data, bits, config.group_size, p.transposed))
-        if config.experts_implementation and hasattr(block.experts, "config"):
-            block.experts.config._experts_implementation = config.experts_implementation
-    else:
-        for expert, b in zip(block.experts, bits):
-            _quantize_linears(expert, b, config.group_size)
-    if config.shared_bits is not None:
-        for shared in block.shared.values():
-            _quantize_linears(shared, config.shared_bits, config.group_size)
 
 
 @register_quantize_module_handler(DynaMoConfig)
@@ -62,48 +102,38 @@ def _dynamoq_transform(module: nn.Module, config: DynaMoConfig) -> nn.Module:
     fqn = module.__dict__.get(_FQN)
     if fqn is None:
         raise QuantizationError("DynaMoConfig needs filter_fn=dynamoq.moe_filter (or use dynamoq.quantize_)")
-    block = adapters.as_block(module, fqn)
-    if block is not None:
-        _quantize_block(block, config)
-    elif config.dense_bits is not None:
-        _quantize_linears(module, config.dense_bits, config.group_size)
+    targets = module_targets(module, fqn, config)
+    for t in targets:
+        t.check(config.group_size)
+    for t in targets:
+        t.apply(config.group_size)
+    experts = adapters.experts_of(module)
+    if experts and config.experts_implementation and hasattr(experts[1], "has_gate"):
+        experts[1].config._experts_implementation = config.experts_implementation
     return module
 
 
-def _check_plan(model: nn.Module, config: DynaMoConfig) -> list[adapters.MoEBlock]:
-    """Every error a quantization could meet, found before anything changes."""
+def plan(model: nn.Module, config: DynaMoConfig) -> list[Target]:
+    """Every weight quantize_ would change, checked: all errors are found before anything changes."""
     blocks = adapters.moe_blocks(model)
     layers = {b.layer for b in blocks}
     unknown = set(config.expert_bits or {}) - layers
     if unknown:
         raise QuantizationError(f"expert_bits names layers {sorted(unknown)} that have no MoE block; "
                                 f"MoE layers are {sorted(layers)}")
-    for block in blocks:
-        config.bits_for(block.layer, block.num_experts)
-        weights = {}
-        if block.adapter.fused:
-            for p in block.projections:
-                w = getattr(block.experts, p.name)
-                weights[f"{block.fqn}.experts.{p.name}"] = (w, w.shape[-2] if p.transposed else w.shape[-1])
-        else:
-            weights.update(_linear_weights(block.experts, f"{block.fqn}.experts"))
-        if config.shared_bits is not None:
-            for name, shared in block.shared.items():
-                weights.update(_linear_weights(shared, f"{block.fqn}.{name}"))
-        for name, (w, k) in weights.items():
-            _refuse_quantized(w, name)
-            check_group(k, config.group_size, name)
-    if config.dense_bits is not None:
-        for fqn, mlp in adapters.dense_mlps(model).items():
-            for name, (w, k) in _linear_weights(mlp, fqn).items():
-                _refuse_quantized(w, name)
-                check_group(k, config.group_size, name)
-    return blocks
+    targets = []
 
+    def visit(module, fqn):
+        if moe_filter(module, fqn):
+            targets.extend(module_targets(module, fqn, config))
+            return
+        for name, child in module.named_children():
+            visit(child, f"{fqn}.{name}" if fqn else name)
 
-def _linear_weights(module: nn.Module, prefix: str) -> dict:
-    return {f"{prefix}.{n}.weight": (m.weight, m.weight.shape[-1])
-            for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    visit(model, "")
+    for t in targets:
+        t.check(config.group_size)
+    return targets
 
 
 def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=None) -> nn.Module:
@@ -111,12 +141,12 @@ def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=Non
     and if anything fails midway every weight is put back, so the model is never half-quantized."""
     if not isinstance(config, DynaMoConfig):
         return _torchao_quantize_(model, config, filter_fn=filter_fn, device=device)
-    _check_plan(model, config)
-    before = {id(m): (m, dict(m._parameters)) for m in model.modules()}
+    plan(model, config)
+    before = [(m, dict(m._parameters)) for m in model.modules()]
     try:
         _torchao_quantize_(model, config, filter_fn=filter_fn or moe_filter, device=device)
     except BaseException:
-        for m, params in before.values():
+        for m, params in before:
             m._parameters.clear()
             m._parameters.update(params)
         raise

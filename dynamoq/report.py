@@ -4,41 +4,66 @@ from __future__ import annotations
 from torch import nn
 
 from . import adapters
+from .packing import OVERHEAD_BITS_PER_GROUP
 from .tensors import _PackedWeight
 
 
-def _packed(module: nn.Module):
-    for name, p in module.named_parameters():
+def _packed(module: nn.Module, prefix: str = ""):
+    for name, p in module.named_parameters(prefix=prefix):
         if isinstance(p, _PackedWeight):
             yield name, p
 
 
-def bits_report(model: nn.Module) -> dict:
-    """experts[layer]: bits of each expert; storage_bits: stored bits per expert weight (codes,
-    scales and zeros); bytes: bytes of quantized expert storage; other: shared/dense weights."""
-    experts, expert_bytes, expert_weights, projections = {}, 0, 0, {}
-    for block in adapters.moe_blocks(model):
-        per_expert = None
-        for name, p in _packed(block.experts):
-            expert_bytes += p.storage_bytes()
-            expert_weights += p.numel()
-            bits = list(p.expert_bits)
-            if not block.adapter.fused:            # one SwitchableLinear per expert projection
-                continue
-            projections[f"{block.fqn}.experts.{name}"] = bits
-            per_expert = per_expert or bits
-        if not block.adapter.fused:
-            per_expert = [next(p.bits for _, p in _packed(e)) if any(True for _ in _packed(e)) else None
-                          for e in block.experts]
-        experts[block.layer] = per_expert
-    other = {n: {"bits": p.expert_bits[0], "bytes": p.storage_bytes()}
-             for n, p in _packed(model) if not isinstance(p, type(None)) and p.ndim == 2
-             and ".experts." not in f".{n}"}
+def _expert_storage_bits(block: adapters.MoEBlock) -> list[float] | None:
+    """Stored bits per weight of each expert of a block (codes + scales + zeros), None if unquantized."""
+    if block.adapter.fused:
+        ws = [getattr(block.experts, p.name) for p in block.projections]
+    else:   # one 2D weight per expert projection: the expert's bits are those of its first weight
+        ws = [next((p for _, p in _packed(e)), None) for e in block.experts]
+        if any(w is None for w in ws):
+            return None
+        return [w.bits + OVERHEAD_BITS_PER_GROUP / w.group_size for w in ws]
+    if not all(isinstance(w, _PackedWeight) for w in ws):
+        return None
+    per = [[b + OVERHEAD_BITS_PER_GROUP / w.group_size for b in w.expert_bits] for w in ws]
+    sizes = [w.numel() // w.shape[0] for w in ws]
+    return [sum(s * bits[e] for s, bits in zip(sizes, per)) / sum(sizes) for e in range(len(per[0]))]
+
+
+def bits_report(model: nn.Module, analysis=None) -> dict:
+    """experts[layer]: bits of each routed expert; storage_bits: stored bits per routed-expert weight
+    (codes, scales and zeros); usage_bits: the same weighted by how often the analysis saw each
+    expert routed (None without an analysis); bytes: bytes of packed routed-expert storage;
+    other: shared experts and dense layers, per weight."""
+    experts, nbytes, nweights, usage_num, usage_den = {}, 0, 0, 0.0, 0.0
+    blocks = adapters.moe_blocks(model)
+    usage = analysis.usage() if analysis is not None else None
+    inside = set()
+    for block in blocks:
+        for name, p in _packed(block.experts, f"{block.fqn}.experts"):
+            nbytes += p.storage_bytes()
+            nweights += p.numel()
+            inside.add(name)
+        first = getattr(block.experts, block.projections[0].name, None) if block.adapter.fused else None
+        if isinstance(first, _PackedWeight):
+            experts[block.layer] = list(first.expert_bits)
+        elif not block.adapter.fused:
+            experts[block.layer] = [next((p.bits for _, p in _packed(e)), None) for e in block.experts]
+        else:
+            experts[block.layer] = None
+        per_expert = _expert_storage_bits(block)
+        if usage is not None and per_expert is not None and block.layer in usage:
+            u = usage[block.layer].tolist()
+            usage_num += sum(ui * bi for ui, bi in zip(u, per_expert))
+            usage_den += sum(u)
+    other = {n: {"bits": p.expert_bits[0] if p.ndim == 2 else list(p.expert_bits), "bytes": p.storage_bytes()}
+             for n, p in _packed(model) if n not in inside}
     return {
         "experts": experts,
-        "projections": projections,
-        "storage_bits": 8 * expert_bytes / expert_weights if expert_weights else None,
-        "bytes": expert_bytes,
-        "weights": expert_weights,
+        "storage_bits": 8 * nbytes / nweights if nweights else None,
+        "usage_bits": usage_num / usage_den if usage_den else None,
+        "bytes": nbytes,
+        "weights": nweights,
         "other": other,
+        "other_bytes": sum(v["bytes"] for v in other.values()),
     }

@@ -26,4 +26,4 @@ def build(model_type: str, dtype=torch.float32):
 
 
 def tokens(model, batch=2, length=8):
-    return torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, model.config.get_text_config().vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))

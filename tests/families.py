@@ -54,6 +54,8 @@ TINY = {
     "gemma4_text": {**QW, "enable_moe_block": True, "top_k_experts": 2, "global_head_dim": 16,
                     "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 32},
     "glm4_moe": {**DS, "first_k_dense_replace": 1},
+    "sarvam_moe": {**DS, "first_k_dense_replace": 1},                # built by Glm4MoeForCausalLM
+    "sarvam_mla": {**DS, **MLA, "first_k_dense_replace": 1},         # built by DeepseekV3ForCausalLM
     "glm4_moe_lite": {**DS, **MLA, "first_k_dense_replace": 1},
     "glm_moe_dsa": {**DS, **MLA, **IDX, "first_k_dense_replace": 1},
     "gpt_oss": {**LE, "intermediate_size": 32},

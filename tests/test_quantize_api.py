@@ -151,3 +151,34 @@ def test_torchao_quantize_without_the_filter_is_explained():
     # torchao's default filter passes only nn.Linear: the handler says what to pass instead
     with pytest.raises(QuantizationError, match="filter_fn=dynamoq.moe_filter"):
         torchao.quantization.quantize_(m, DynaMoConfig(bits=4, group_size=32))
+
+
+class _ListExperts(torch.nn.Module):
+    """An older-style MoE: a ModuleList of per-expert MLPs made of nn.Linear."""
+
+    def __init__(self, n=4, h=64, i=32):
+        super().__init__()
+        self.gate = torch.nn.Linear(h, n, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(h, i), torch.nn.ReLU(),
+                                                               torch.nn.Linear(i, h)) for _ in range(n))
+
+    def forward(self, x):
+        top = self.gate(x).softmax(-1).topk(2)
+        out = torch.zeros_like(x)
+        for k in range(2):
+            for e, expert in enumerate(self.experts):
+                mask = (top.indices[..., k] == e).unsqueeze(-1)
+                out = out + mask * top.values[..., k:k + 1] * expert(x)
+        return out
+
+
+def test_experts_as_a_list_of_linears_are_quantized_per_expert():
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"mlp": _ListExperts()}) for _ in range(2))
+    x = torch.randn(5, 64)
+    ref = model.layers[0]["mlp"](x)
+    dynamoq.quantize_(model, DynaMoConfig(expert_bits={0: [8, 8, 8, 8], 1: [2, 3, 4, 6]}, group_size=32))
+    assert dynamoq.bits_report(model)["experts"] == {0: [8, 8, 8, 8], 1: [2, 3, 4, 6]}
+    assert model.layers[1]["mlp"].experts[3][2].weight.bits == 6
+    assert not isinstance(model.layers[0]["mlp"].gate.weight, SwitchableLinear)   # the router stays
+    assert ((model.layers[0]["mlp"](x) - ref).norm() / ref.norm()) < 0.01

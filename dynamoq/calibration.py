@@ -1,0 +1,178 @@
+"""Calibration: hooks on every MoE block that sum, per expert, what the analysis and GPTQ need.
+
+For each MoE layer and each projection p (0: gate_up / up, 1: down) with K_p input channels:
+  count  [E]        tokens routed to each expert (the router's usage histogram)
+  weight [E]        summed routing weight
+  x2     [E, K_p]   sum of squared inputs of the tokens routed to each expert
+  wx2    [E, K_p]   the same, each token weighted by its routing weight
+  all_x2 [E, K_p]   with balanced=True: every token through every expert (for experts short of tokens)
+  hessian[E, K_p, K_p]  on demand (GPTQ), float64, X^T X of the routed tokens
+Everything is a sum in float64, so shards from several processes add up to the one-process result.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import align_module_device
+from tqdm.auto import tqdm
+
+from . import adapters
+
+
+@dataclass
+class LayerStats:
+    count: torch.Tensor
+    weight: torch.Tensor
+    x2: list[torch.Tensor]
+    wx2: list[torch.Tensor]
+    all_x2: list[torch.Tensor] | None = None
+    all_count: torch.Tensor | None = None
+    hessian: list[torch.Tensor] | None = None
+    all_hessian: list[torch.Tensor] | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"count": self.count, "weight": self.weight}
+        for name in ("x2", "wx2", "all_x2", "hessian", "all_hessian"):
+            for p, t in enumerate(getattr(self, name) or []):
+                out[f"{name}.{p}"] = t
+        if self.all_count is not None:
+            out["all_count"] = self.all_count
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "LayerStats":
+        def lst(name):
+            ps = sorted(int(k.split(".")[1]) for k in t if k.startswith(name + "."))
+            return [t[f"{name}.{p}"] for p in ps] or None
+        return cls(t["count"], t["weight"], lst("x2"), lst("wx2"), lst("all_x2"), t.get("all_count"),
+                   lst("hessian"), lst("all_hessian"))
+
+
+def _routing_args(args, kwargs):
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    vals = list(args[:3]) + [kwargs[n] for n in names[len(args):3] if n in kwargs]
+    if len(vals) < 3:
+        raise TypeError("the experts module was not called as experts(hidden_states, top_k_index, top_k_weights)")
+    return vals
+
+
+def expert_inputs(experts, e: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs of each projection of fused expert e for tokens x [T, H]: [x, act(gate_up(x))]."""
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+    w = getattr(experts, first)[e].float()
+    h = x @ w if experts.is_transposed else x @ w.t()
+    if experts.has_bias:
+        h = h + getattr(experts, first + "_bias")[e].float()
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    return [x, h]
+
+
+class _BlockHook:
+    def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool):
+        self.block, self.balanced, self.hessian = block, balanced, hessian
+        self.stats: LayerStats | None = None
+
+    def _init(self, dims: list[int], device):
+        e = self.block.num_experts
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.stats = LayerStats(z(e), z(e), [z(e, k) for k in dims], [z(e, k) for k in dims],
+                                [z(e, k) for k in dims] if self.balanced else None,
+                                z(()) if self.balanced else None,
+                                [z(e, k, k) for k in dims] if self.hessian else None,
+                                [z(e, k, k) for k in dims] if self.hessian and self.balanced else None)
+
+    @torch.no_grad()
+    def __call__(self, module, args, kwargs):
+        x, idx, w = _routing_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        idx, w = idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1).float()
+        with align_module_device(module, x.device):
+            hit = torch.unique(idx).tolist()
+            for e in range(self.block.num_experts):
+                tok, kpos = (idx == e).nonzero(as_tuple=True)
+                if e not in hit and not self.balanced:
+                    continue
+                if self.balanced:
+                    inputs = expert_inputs(module, e, x)           # every token through expert e
+                    routed = [t[tok] for t in inputs]
+                else:
+                    routed = expert_inputs(module, e, x[tok])
+                    inputs = None
+                if self.stats is None:
+                    self._init([t.shape[-1] for t in routed], x.device)
+                s, we = self.stats, w[tok, kpos].double()
+                s.count[e] += tok.numel()
+                s.weight[e] += we.sum()
+                for p, t in enumerate(routed):
+                    t2 = t.double().pow(2)
+                    s.x2[p][e] += t2.sum(0)
+                    s.wx2[p][e] += (we[:, None] * t2).sum(0)
+                    if self.hessian:
+                        s.hessian[p][e] += t.double().t() @ t.double()
+                if self.balanced:
+                    for p, t in enumerate(inputs):
+                        s.all_x2[p][e] += t.double().pow(2).sum(0)
+                        if self.hessian:
+                            s.all_hessian[p][e] += t.double().t() @ t.double()
+            if self.balanced:
+                self.stats.all_count += x.shape[0]
+
+
+@contextlib.contextmanager
+def collecting(model, blocks=None, balanced=False, hessian=False):
+    """Within the block, every forward adds to the statistics of each MoE block: yields
+    {layer: hook} whose `.stats` hold the sums."""
+    blocks = blocks if blocks is not None else adapters.moe_blocks(model)
+    hooks, handles = {}, []
+    for b in blocks:
+        if not b.adapter.fused:
+            raise NotImplementedError(f"calibration of {type(b.experts).__name__} (a list of expert modules) "
+                                      "is not supported yet; quantize it data-free (bits=/expert_bits=)")
+        hooks[b.layer] = _BlockHook(b, balanced, hessian)
+        handles.append(b.experts.register_forward_pre_hook(hooks[b.layer], with_kwargs=True))
+    try:
+        yield hooks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(stats: dict[int, LayerStats]) -> None:
+    """Sum statistics over processes (no-op in a single process)."""
+    if rank_world()[1] == 1:
+        return
+    for s in stats.values():
+        for t in s.tensors().values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool = False,
+              desc: str = "calibrating", progress: bool = True) -> dict[int, LayerStats]:
+    """Run windows [N, T] through the model (this process's shard of them) and return the summed
+    statistics of every MoE layer, reduced over all processes."""
+    rank, world = rank_world()
+    shard = windows[rank::world]
+    device = next(model.parameters()).device
+    with collecting(model, balanced=balanced) as hooks:
+        for i in tqdm(range(0, shard.shape[0], batch_size), desc=desc, disable=not progress or rank != 0,
+                      unit="batch"):
+            out = model(input_ids=shard[i:i + batch_size].to(device), use_cache=False)
+            if not torch.isfinite(out.logits).all():
+                raise FloatingPointError(f"the model produced NaN/inf on calibration batch {i // batch_size} "
+                                         f"({desc}); check the weights and dtype")
+    missing = [layer for layer, h in hooks.items() if h.stats is None]
+    if missing:
+        raise RuntimeError(f"MoE layers {missing} received no tokens: the model never called their experts")
+    stats = {layer: h.stats for layer, h in hooks.items()}
+    all_reduce_(stats)
+    return stats
