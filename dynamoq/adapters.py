@@ -167,5 +167,16 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return blocks
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers that holds the MoE blocks."""
+    fqn = moe_blocks(model)[0].fqn
+    m = _LAYER.search(fqn)
+    path = fqn[:m.start(1)].rstrip(".")
+    layers = model.get_submodule(path)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__}: cannot find the list of decoder layers at {path!r}")
+    return layers
+
+
 def dense_mlps(model: nn.Module) -> dict[str, nn.Module]:
     return {fqn: m for fqn, m in model.named_modules() if is_dense_mlp(m, fqn)}

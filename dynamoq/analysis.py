@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from . import adapters, significance
 from .calibration import LayerStats, calibrate
+from .tensors import _PackedWeight
 
 FORMAT_VERSION = 1
 MIN_TOKENS = 2  # an expert with fewer routed tokens gets a fallback for its channel statistics
@@ -41,7 +42,7 @@ def _weights_nk(block) -> list[torch.Tensor]:
     out = []
     for p in block.projections:
         w = getattr(block.experts, p.name)
-        w = w.dequantize() if hasattr(w, "dequantize") else w.detach()
+        w = w.dequantize() if isinstance(w, _PackedWeight) else w.detach()
         out.append(w.transpose(-1, -2) if p.transposed else w)
     return out
 
@@ -53,6 +54,7 @@ class Analysis:
     stats: dict[str, dict[int, LayerStats]]          # dataset -> layer -> sums
     col2: dict[int, list[torch.Tensor]]              # layer -> per projection [E, K_p] weight column energy
     meta: dict = field(default_factory=dict)
+    windows: dict[str, torch.Tensor] = field(default_factory=dict)   # dataset -> calibration tokens [N, T]
 
     @property
     def layers(self) -> list[int]:
@@ -141,6 +143,9 @@ class Analysis:
         for layer, cs in self.col2.items():
             for p, t in enumerate(cs):
                 tensors[f"col2.L{layer}.{p}"] = t.contiguous()
+        for i, d in enumerate(self.datasets):
+            if d in self.windows:
+                tensors[f"d{i}.windows"] = self.windows[d].contiguous()
         meta = {"format": "dynamoq-analysis", "version": FORMAT_VERSION, "fingerprint": self.fingerprint,
                 "datasets": self.datasets, "meta": self.meta}
         tmp = path / ".analysis.tmp"
@@ -170,7 +175,8 @@ class Analysis:
                                                            if k.startswith(pre)})
         col2 = {layer: [tensors[k] for k in sorted(k for k in tensors if k.startswith(f"col2.L{layer}."))]
                 for layer in layers}
-        return cls(meta["fingerprint"], meta["datasets"], stats, col2, meta.get("meta", {}))
+        windows = {d: tensors[f"d{i}.windows"] for i, d in enumerate(meta["datasets"]) if f"d{i}.windows" in tensors}
+        return cls(meta["fingerprint"], meta["datasets"], stats, col2, meta.get("meta", {}), windows)
 
 
 def _windows(name, data, tokenizer, model, seq_len, max_tokens):
@@ -198,10 +204,10 @@ def analyze(model, datasets: dict, tokenizer=None, seq_len: int = 256, max_token
         raise AnalysisError("analyze needs at least one dataset: {name: texts or token tensor}")
     blocks = adapters.moe_blocks(model)
     t0 = time.perf_counter()
-    stats, tokens = {}, {}
+    stats, tokens, windows = {}, {}, {}
     for name, data in datasets.items():
         w = _windows(name, data, tokenizer, model, seq_len, max_tokens)
-        tokens[name] = int(w.numel())
+        tokens[name], windows[name] = int(w.numel()), w
         stats[name] = calibrate(model, w, batch_size, balanced, desc=f"analysing {name}", progress=progress)
     col2 = {b.layer: [significance.column_energy(w).double().cpu() for w in _weights_nk(b)] for b in blocks}
     meta = {"tokens": tokens, "seconds": time.perf_counter() - t0, "balanced": balanced, "seq_len": seq_len}
@@ -209,4 +215,4 @@ def analyze(model, datasets: dict, tokenizer=None, seq_len: int = 256, max_token
                                           [t.cpu() for t in v] if v is not None else None)
                                       for k, v in vars(s).items()})
                  for layer, s in per.items()} for d, per in stats.items()}
-    return Analysis(fingerprint(model), list(datasets), stats, col2, meta)
+    return Analysis(fingerprint(model), list(datasets), stats, col2, meta, windows)

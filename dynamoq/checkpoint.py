@@ -53,7 +53,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from transformers import PreTrainedModel
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming, rename_source_key
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
 from . import adapters, packing
+from .config import DynaMoConfig
 from .tensors import SwitchableLinear, _PackedWeight
 
 logger = logging.getLogger(__name__)
@@ -597,6 +605,8 @@ def _fsync_tree(root: str) -> None:
                 fd = os.open(p, os.O_RDONLY)
                 try:
                     os.fsync(fd)
+                except OSError:     # e.g. Windows, where a read-only handle cannot be flushed
+                    pass
                 finally:
                     os.close(fd)
         _fsync_dir(d)
@@ -659,9 +669,11 @@ def recover(target: str) -> None:
 
 
 def _cleanup(target: str) -> None:
+    """Remove what saves killed midway left next to `target`: their temporary directories, and the
+    previous checkpoints they had moved aside (once `target` itself is in place again)."""
     for tag in (_TMP_TAG, _OLD_TAG):
         for path, pid in _siblings(target, tag):
-            if pid != os.getpid() and not _pid_alive(pid) and os.path.lexists(target):
+            if pid != os.getpid() and not _pid_alive(pid) and (tag == _TMP_TAG or os.path.lexists(target)):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -738,10 +750,6 @@ def _swap(tmp: str, target: str) -> None:
 
 # ---- dynamoq.save / dynamoq.load ----------------------------------------------------------------------
 def _is_transformers_model(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
     return isinstance(model, PreTrainedModel)
 
 
@@ -922,232 +930,229 @@ def _load_into(directory: str, manifest: dict, headers: dict, model: nn.Module, 
 
 
 # ---- transformers integration ---------------------------------------------------------------------------
-def _register_transformers() -> None:
-    from transformers import PreTrainedModel
-    from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming, rename_source_key
-    from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
-                                              register_quantization_config, register_quantizer)
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    global DynamoqConfig, DynamoqHfQuantizer, DynamoqDeserialize
+class DynamoqConfig(QuantizationConfigMixin):
+    """`quantization_config` of a dynamoq checkpoint (see `quantization_config_dict`)."""
 
-    class DynamoqConfig(QuantizationConfigMixin):
-        """`quantization_config` of a dynamoq checkpoint (see `quantization_config_dict`)."""
+    def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+        kwargs.pop("quant_method", None)
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.modules = modules if modules is not None else {}
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+        check_format(self.to_dict(), "quantization_config")
 
-        def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION, **kwargs):
-            kwargs.pop("quant_method", None)
-            self.quant_method = QUANT_METHOD
-            self.format_version = format_version
-            self.modules = modules if modules is not None else {}
-            for k, v in kwargs.items():
-                setattr(self, k, v)
-            check_format(self.to_dict(), "quantization_config")
+    def to_dynamo_config(self):
+        """The DynaMoConfig that re-creates this layout from the float model."""
+        c = getattr(self, "config", None) or {}
+        return DynaMoConfig(expert_bits={int(k): list(v) for k, v in (c.get("expert_bits") or {}).items()} or None,
+                            bits=None if c.get("expert_bits") else 4, group_size=c.get("group_size") or 128,
+                            shared_bits=c.get("shared_bits"), dense_bits=c.get("dense_bits"),
+                            experts_implementation=c.get("experts_implementation"))
 
-        def to_dynamo_config(self):
-            """The DynaMoConfig that re-creates this layout from the float model."""
-            from .config import DynaMoConfig
-            c = getattr(self, "config", None) or {}
-            return DynaMoConfig(expert_bits={int(k): list(v) for k, v in (c.get("expert_bits") or {}).items()} or None,
-                                bits=None if c.get("expert_bits") else 4, group_size=c.get("group_size") or 128,
-                                shared_bits=c.get("shared_bits"), dense_bits=c.get("dense_bits"),
-                                experts_implementation=c.get("experts_implementation"))
 
-    class DynamoqDeserialize(ConversionOps):
-        """Builds one packed weight from its parts, as transformers loads them."""
+class DynamoqDeserialize(ConversionOps):
+    """Builds one packed weight from its parts, as transformers loads them."""
 
-        def __init__(self, quantizer, part_of: dict[str, str]):
-            self.quantizer, self.part_of = quantizer, part_of
+    def __init__(self, quantizer, part_of: dict[str, str]):
+        self.quantizer, self.part_of = quantizer, part_of
 
-        def __deepcopy__(self, memo):     # stateless: transformers copies converters once per weight
-            return self
+    def __deepcopy__(self, memo):     # stateless: transformers copies converters once per weight
+        return self
 
-        def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, **kwargs):
-            try:
-                parts = {}
-                for pattern, tensors in input_dict.items():
-                    tensors = tensors if isinstance(tensors, list) else [tensors]
-                    if len(tensors) != 1:
-                        raise CheckpointError(f"{full_layer_name}: {len(tensors)} tensors for part "
-                                              f"{self.part_of[pattern]}")
-                    parts[self.part_of[pattern]] = tensors[0]
-                t = self.quantizer.build(full_layer_name, parts)
-                return {full_layer_name: nn.Parameter(t, requires_grad=False)}
-            except Exception as e:
-                self.quantizer.errors[full_layer_name] = str(e)
-                raise
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, **kwargs):
+        try:
+            parts = {}
+            for pattern, tensors in input_dict.items():
+                tensors = tensors if isinstance(tensors, list) else [tensors]
+                if len(tensors) != 1:
+                    raise CheckpointError(f"{full_layer_name}: {len(tensors)} tensors for part "
+                                          f"{self.part_of[pattern]}")
+                parts[self.part_of[pattern]] = tensors[0]
+            t = self.quantizer.build(full_layer_name, parts)
+            return {full_layer_name: nn.Parameter(t, requires_grad=False)}
+        except Exception as e:
+            self.quantizer.errors[full_layer_name] = str(e)
+            raise
 
-        @property
-        def reverse_op(self):
-            raise CheckpointError("dynamoq parts are flattened by the quantizer, not by a reverse conversion")
+    @property
+    def reverse_op(self):
+        raise CheckpointError("dynamoq parts are flattened by the quantizer, not by a reverse conversion")
 
-    class DynamoqHfQuantizer(HfQuantizer):
-        """from_pretrained of a dynamoq checkpoint: checks it, then loads the packed parts straight into
-        DynaMoExperts / SwitchableLinear (no full-precision expert weight is ever materialized)."""
 
-        requires_calibration = True
+class DynamoqHfQuantizer(HfQuantizer):
+    """from_pretrained of a dynamoq checkpoint: checks it, then loads the packed parts straight into
+    DynaMoExperts / SwitchableLinear (no full-precision expert weight is ever materialized)."""
 
-        def __init__(self, quantization_config, **kwargs):
-            super().__init__(quantization_config, **kwargs)
-            self.errors: dict[str, str] = {}
-            self.model_to_meta: dict[str, str] = {}
-            self.headers: dict | None = None
-            self.dtype = None
+    requires_calibration = True
 
-        # -- before the model exists
-        def validate_environment(self, device_map=None, **kwargs):
-            if isinstance(device_map, dict) and "disk" in device_map.values():
-                raise CheckpointError("dynamoq checkpoints cannot be offloaded to disk; "
-                                      "use a device_map without 'disk'")
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.errors: dict[str, str] = {}
+        self.model_to_meta: dict[str, str] = {}
+        self.headers: dict | None = None
+        self.dtype = None
 
-        def update_dtype(self, dtype):
-            self.dtype = dtype
-            return dtype
+    # -- before the model exists
+    def validate_environment(self, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise CheckpointError("dynamoq checkpoints cannot be offloaded to disk; "
+                                  "use a device_map without 'disk'")
 
-        def update_attn_implementation(self, config):
-            if getattr(config, "transformers_weights", None) == INSTALL_HINT:
-                delattr(config, "transformers_weights")
-            impl = getattr(self.quantization_config, "experts_implementation", None)
-            if impl and getattr(config, "_experts_implementation", None) is None:
-                config._experts_implementation = impl
-            return config
+    def update_dtype(self, dtype):
+        self.dtype = dtype
+        return dtype
 
-        # -- the model exists on the meta device; checkpoint files are known
-        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            qc = self.quantization_config.to_dict()
-            modules = qc["modules"]
-            if checkpoint_files:
-                directory = os.path.dirname(checkpoint_files[0])
-                manifest = read_manifest(directory, self._locate(model, directory, MANIFEST_NAME))
-                if _canonical(manifest["quantization_config"]) != _canonical(qc):
-                    raise CheckpointError(f"{directory}: the quantization_config of config.json differs from "
-                                          f"{MANIFEST_NAME}")
-                if not all(f.endswith(".safetensors") for f in checkpoint_files):
-                    raise CheckpointError(f"{directory}: dynamoq loads safetensors files only")
-                listed = {v.get("file") for v in manifest["tensors"].values() if isinstance(v, dict)}
-                if {os.path.basename(f) for f in checkpoint_files} != listed:
-                    raise CheckpointError(f"{directory}: transformers found weight files "
-                                          f"{sorted(os.path.basename(f) for f in checkpoint_files)}, the manifest "
-                                          f"lists {sorted(listed)}")
-                self.headers = check_files(directory, manifest, list(checkpoint_files),
-                                           verify=False if _was_verified(directory) else None,
-                                           locate=lambda rel: self._locate(model, directory, rel))
-            params = dict(model.named_parameters())
+    def update_attn_implementation(self, config):
+        guard = getattr(config, "transformers_weights", None)
+        if isinstance(guard, str) and QUANT_METHOD in guard and not guard.endswith(".safetensors") \
+                and not guard.endswith(".safetensors.index.json"):
+            delattr(config, "transformers_weights")     # our guard against loading without dynamoq
+        impl = getattr(self.quantization_config, "experts_implementation", None)
+        if impl and getattr(config, "_experts_implementation", None) is None:
+            config._experts_implementation = impl
+        return config
+
+    # -- the model exists on the meta device; checkpoint files are known
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        qc = self.quantization_config.to_dict()
+        modules = qc["modules"]
+        if checkpoint_files:
+            directory = os.path.dirname(checkpoint_files[0])
+            manifest = read_manifest(directory, self._locate(model, directory, MANIFEST_NAME))
+            if _canonical(manifest["quantization_config"]) != _canonical(qc):
+                raise CheckpointError(f"{directory}: the quantization_config of config.json differs from "
+                                      f"{MANIFEST_NAME}")
+            if not all(f.endswith(".safetensors") for f in checkpoint_files):
+                raise CheckpointError(f"{directory}: dynamoq loads safetensors files only")
+            listed = {v.get("file") for v in manifest["tensors"].values() if isinstance(v, dict)}
+            if {os.path.basename(f) for f in checkpoint_files} != listed:
+                raise CheckpointError(f"{directory}: transformers found weight files "
+                                      f"{sorted(os.path.basename(f) for f in checkpoint_files)}, the manifest "
+                                      f"lists {sorted(listed)}")
+            self.headers = check_files(directory, manifest, list(checkpoint_files),
+                                       verify=False if _was_verified(directory) else None,
+                                       locate=lambda rel: self._locate(model, directory, rel))
+        params = dict(model.named_parameters())
+        prefix = model.base_model_prefix
+        for fqn, meta in modules.items():
+            expected_parts(fqn, meta)
+            cands = [fqn, fqn.removeprefix(f"{prefix}."), f"{prefix}.{fqn}"] if prefix else [fqn]
+            name = next((c for c in cands if c in params), None)
+            if name is None:
+                raise CheckpointError(f"quantization_config holds {fqn}, which {type(model).__name__} "
+                                      f"does not have")
+            if list(params[name].shape) != meta["shape"]:
+                raise CheckpointError(f"{fqn}: the checkpoint holds shape {meta['shape']}, the model "
+                                      f"{list(params[name].shape)} (config.json and the weights disagree)")
+            self.model_to_meta[name] = fqn
+
+    @staticmethod
+    def _locate(model, directory, rel):
+        path = os.path.join(directory, rel)
+        if os.path.isfile(path):
+            return path
+        try:  # a Hub snapshot holds only the files transformers asked for
+            from transformers.utils import cached_file
+            return cached_file(model.config.name_or_path, rel, _raise_exceptions_for_missing_entries=False)
+        except Exception:
+            return None
+
+    def _converters(self):
+        parts_by_leaf: dict[str, set[str]] = {}
+        for fqn, meta in self.quantization_config.modules.items():
+            parts_by_leaf.setdefault(fqn.rpartition(".")[2], set()).update(meta["parts"])
+        out = []
+        for leaf, parts in sorted(parts_by_leaf.items()):
+            part_of = {re.escape(f"._{leaf}_{p}"): p for p in sorted(parts)}
+            out.append(WeightConverter(list(part_of), f".{leaf}", operations=[DynamoqDeserialize(self, part_of)]))
+        return out
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Our converters go first; every checkpoint key is renamed as transformers will rename it,
+        and the packed parts are checked against quantization_config before anything is read."""
+        ours = self._converters()
+        if self.headers is not None:
+            renamings = [c for c in weight_conversions if isinstance(c, WeightRenaming)]
+            converters = [c for c in weight_conversions if isinstance(c, WeightConverter)]
+            modules = self.quantization_config.modules
+            index = _PartIndex(modules)
             prefix = model.base_model_prefix
-            for fqn, meta in modules.items():
-                expected_parts(fqn, meta)
-                cands = [fqn, fqn.removeprefix(f"{prefix}."), f"{prefix}.{fqn}"] if prefix else [fqn]
-                name = next((c for c in cands if c in params), None)
-                if name is None:
-                    raise CheckpointError(f"quantization_config holds {fqn}, which {type(model).__name__} "
-                                          f"does not have")
-                if list(params[name].shape) != meta["shape"]:
-                    raise CheckpointError(f"{fqn}: the checkpoint holds shape {meta['shape']}, the model "
-                                          f"{list(params[name].shape)} (config.json and the weights disagree)")
-                self.model_to_meta[name] = fqn
-
-        @staticmethod
-        def _locate(model, directory, rel):
-            path = os.path.join(directory, rel)
-            if os.path.isfile(path):
-                return path
-            try:  # a Hub snapshot holds only the files transformers asked for
-                from transformers.utils import cached_file
-                return cached_file(model.config.name_or_path, rel, _raise_exceptions_for_missing_entries=False)
-            except Exception:
-                return None
-
-        def _converters(self):
-            parts_by_leaf: dict[str, set[str]] = {}
-            for fqn, meta in self.quantization_config.modules.items():
-                parts_by_leaf.setdefault(fqn.rpartition(".")[2], set()).update(meta["parts"])
-            out = []
-            for leaf, parts in sorted(parts_by_leaf.items()):
-                part_of = {re.escape(f"._{leaf}_{p}"): p for p in sorted(parts)}
-                out.append(WeightConverter(list(part_of), f".{leaf}", operations=[DynamoqDeserialize(self, part_of)]))
-            return out
-
-        def update_weight_conversions(self, weight_conversions, model):
-            """Our converters go first; every checkpoint key is renamed as transformers will rename it,
-            and the packed parts are checked against quantization_config before anything is read."""
-            ours = self._converters()
-            if self.headers is not None:
-                renamings = [c for c in weight_conversions if isinstance(c, WeightRenaming)]
-                converters = [c for c in weight_conversions if isinstance(c, WeightConverter)]
-                modules = self.quantization_config.modules
-                index = _PartIndex(modules)
-                prefix = model.base_model_prefix
-                found: dict[str, dict] = {}
-                for key, (_, d, s) in self.headers.items():
-                    renamed, pattern = rename_source_key(key, renamings, converters)
+            found: dict[str, dict] = {}
+            for key, (_, d, s) in self.headers.items():
+                renamed, pattern = rename_source_key(key, renamings, converters)
+                hit = None
+                for cand in ([renamed, renamed.removeprefix(f"{prefix}."), f"{prefix}.{renamed}"]
+                             if prefix else [renamed]):
+                    hit = index.parse(cand)
+                    if hit and hit[0] in modules:
+                        break
                     hit = None
-                    for cand in ([renamed, renamed.removeprefix(f"{prefix}."), f"{prefix}.{renamed}"]
-                                 if prefix else [renamed]):
-                        hit = index.parse(cand)
-                        if hit and hit[0] in modules:
-                            break
-                        hit = None
-                    if hit is None:
-                        continue
-                    if pattern is not None:
-                        raise CheckpointError(f"{key}: transformers' conversion {pattern!r} of "
-                                              f"{type(model).__name__} would rewrite this packed tensor")
-                    found.setdefault(hit[0], {})[hit[1]] = (key, s, d)
-                _check_parts_present(found, modules)
-            for c in weight_conversions:
-                if isinstance(c, WeightConverter) and any(isinstance(op, DynamoqDeserialize) for op in c.operations):
-                    return list(weight_conversions)
-            return ours + list(weight_conversions)
+                if hit is None:
+                    continue
+                if pattern is not None:
+                    raise CheckpointError(f"{key}: transformers' conversion {pattern!r} of "
+                                          f"{type(model).__name__} would rewrite this packed tensor")
+                found.setdefault(hit[0], {})[hit[1]] = (key, s, d)
+            _check_parts_present(found, modules)
+        for c in weight_conversions:
+            if isinstance(c, WeightConverter) and any(isinstance(op, DynamoqDeserialize) for op in c.operations):
+                return list(weight_conversions)
+        return ours + list(weight_conversions)
 
-        def get_new_dtype(self, converter, param, dtype):
-            if any(isinstance(op, DynamoqDeserialize) for op in getattr(converter, "operations", ())):
-                return None            # packed parts keep their stored dtype, bit for bit
-            return super().get_new_dtype(converter, param, dtype)
+    def get_new_dtype(self, converter, param, dtype):
+        if any(isinstance(op, DynamoqDeserialize) for op in getattr(converter, "operations", ())):
+            return None            # packed parts keep their stored dtype, bit for bit
+        return super().get_new_dtype(converter, param, dtype)
 
-        def build(self, name: str, parts: dict) -> _PackedWeight:
-            fqn = self.model_to_meta.get(name)
-            if fqn is None:
-                raise CheckpointError(f"{name}: packed parts for a weight that quantization_config does not list")
-            saved = getattr(self.quantization_config, "dtype", None)
-            override = self.dtype if (isinstance(self.dtype, torch.dtype) and saved is not None
-                                      and _dtype_name(self.dtype) != saved) else None
-            return build_tensor(fqn, self.quantization_config.modules[fqn], parts, override)
+    def build(self, name: str, parts: dict) -> _PackedWeight:
+        fqn = self.model_to_meta.get(name)
+        if fqn is None:
+            raise CheckpointError(f"{name}: packed parts for a weight that quantization_config does not list")
+        saved = getattr(self.quantization_config, "dtype", None)
+        override = self.dtype if (isinstance(self.dtype, torch.dtype) and saved is not None
+                                  and _dtype_name(self.dtype) != saved) else None
+        return build_tensor(fqn, self.quantization_config.modules[fqn], parts, override)
 
-        # -- after the weights are in
-        def _process_model_after_weight_loading(self, model, **kwargs):
-            missing = [n for n in self.model_to_meta if not isinstance(model.get_parameter(n), _PackedWeight)]
-            if self.errors or missing:
-                detail = "; ".join(f"{k}: {v}" for k, v in self.errors.items()) or f"missing tensors for {missing[0]}"
-                raise CheckpointError(f"could not rebuild the packed weights: {detail}")
-            convs = getattr(model, "_weight_conversions", None)
-            if convs:   # only the model's own conversions are reverted when it is saved again
-                model._weight_conversions = [c for c in convs if not any(
-                    isinstance(op, DynamoqDeserialize) for op in getattr(c, "operations", ()))]
-            return model
+    # -- after the weights are in
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        missing = [n for n in self.model_to_meta if not isinstance(model.get_parameter(n), _PackedWeight)]
+        if self.errors or missing:
+            detail = "; ".join(f"{k}: {v}" for k, v in self.errors.items()) or f"missing tensors for {missing[0]}"
+            raise CheckpointError(f"could not rebuild the packed weights: {detail}")
+        convs = getattr(model, "_weight_conversions", None)
+        if convs:   # only the model's own conversions are reverted when it is saved again
+            model._weight_conversions = [c for c in convs if not any(
+                isinstance(op, DynamoqDeserialize) for op in getattr(c, "operations", ()))]
+        return model
 
-        def _dequantize(self, model, dtype=None):
-            for name, p in list(model.named_parameters()):
-                if isinstance(p, _PackedWeight):
-                    mod, _, leaf = name.rpartition(".")
-                    owner = model.get_submodule(mod) if mod else model
-                    owner._parameters[leaf] = nn.Parameter(p.dequantize(dtype or p.dtype), requires_grad=False)
-            return model
+    def _dequantize(self, model, dtype=None):
+        for name, p in list(model.named_parameters()):
+            if isinstance(p, _PackedWeight):
+                mod, _, leaf = name.rpartition(".")
+                owner = model.get_submodule(mod) if mod else model
+                owner._parameters[leaf] = nn.Parameter(p.dequantize(dtype or p.dtype), requires_grad=False)
+        return model
 
-        def get_state_dict_and_metadata(self, model):
-            flat, _ = flatten_state_dict(model.state_dict())
-            return flat, {}
+    def get_state_dict_and_metadata(self, model):
+        flat, _ = flatten_state_dict(model.state_dict())
+        return flat, {}
 
-        def is_serializable(self):
-            return True
+    def is_serializable(self):
+        return True
 
-        @property
-        def is_trainable(self):
-            return False
+    @property
+    def is_trainable(self):
+        return False
 
-        @property
-        def is_compileable(self):
-            return True
+    @property
+    def is_compileable(self):
+        return True
 
+
+def _register_transformers() -> None:
+    """quant_method "dynamoq" for transformers, and save_pretrained of models with packed weights."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(DynamoqConfig)
     else:
@@ -1220,10 +1225,4 @@ def _save_pretrained(original, model, *args, **kwargs):
     return None
 
 
-DynamoqConfig = DynamoqHfQuantizer = DynamoqDeserialize = None  # set by _register_transformers
-try:
-    import transformers  # noqa: F401
-except ImportError:  # pragma: no cover - transformers is a dependency; dynamoq.save/load work without it
-    pass
-else:
-    _register_transformers()
+_register_transformers()

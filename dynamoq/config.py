@@ -2,26 +2,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torchao.core.config import AOBaseConfig
 
 from .packing import QuantizationError, check_bits
 
 DEFAULT_BITS = 4
+QUANTIZERS = ("rtn", "gptq")
+ALLOCATIONS = ("budget", "fuzzy", "frequency")
 
 
 @dataclass(frozen=True)
 class DynaMoConfig(AOBaseConfig):
     """
-    bits:         uniform bit-width of every routed expert (2, 3, 4, 6 or 8); 4 if nothing else decides.
-    expert_bits:  {decoder layer index: [bits of expert 0, 1, ...]} for explicit per-expert widths;
-                  layers it does not name take `bits`.
-    group_size:   inputs per scale/zero group (default 128; must divide every quantized input dim).
-    shared_bits:  bit-width of shared experts (None keeps them as they are).
-    dense_bits:   bit-width of dense MLP layers such as DeepSeek's first layers (None keeps them).
-    experts_implementation: set on the model's config after quantization ("dynamoq" is the fused
-                  low-bit path; "eager", "batched_mm" and "grouped_mm" also run, on dequantized weights).
+    Which bits each routed expert gets (first that applies):
+      expert_bits:  {decoder layer index: [bits of expert 0, 1, ...]}, explicit;
+      allocation / target_bits with analysis (or datasets): the DynaMo baseline.
+          allocation="budget" (default when target_bits is set): exact average of stored bits
+          (codes + scales + zeros) <= target_bits, minimising significance-weighted error;
+          allocation="fuzzy": the paper's fuzzy c-means clustering to 8/6/4/2 bits;
+          allocation="frequency": the budget with routing frequency as significance (ablation);
+      bits:         uniform bit-width (2, 3, 4, 6 or 8); 4 if nothing else decides.
+    Data:
+      analysis:     a dynamoq.Analysis of this model; or datasets= {name: texts or LongTensor [N, T]}
+                    (with tokenizer= for texts) to run the analysis first.
+      dataset_weights, lam: synthesis across datasets = weighted mean + lam x std (METHOD.md §1).
+    Quantizer:
+      quantizer:    "rtn" (round-to-nearest, data-free) or "gptq" (Hessian of each expert's routed
+                    tokens; needs analysis or datasets); damp, act_order, balanced (experts short of
+                    tokens use the Hessian of every token) configure it.
+    Other weights:
+      group_size:   inputs per scale/zero group (default 128; must divide every quantized input dim).
+      shared_bits:  shared experts (None keeps them); dense_bits: dense MLP layers (None keeps them).
+      experts_implementation: set on the model's config ("dynamoq" is the fused low-bit path).
     """
     bits: int | None = None
     expert_bits: Mapping[int, Sequence[int]] | None = None
@@ -29,6 +43,19 @@ class DynaMoConfig(AOBaseConfig):
     shared_bits: int | None = 8
     dense_bits: int | None = None
     experts_implementation: str | None = "dynamoq"
+    analysis: Any = None
+    datasets: Mapping[str, Any] | None = None
+    tokenizer: Any = None
+    target_bits: float | None = None
+    allocation: str | None = None
+    dataset_weights: Mapping[str, float] | None = None
+    lam: float = 1.0
+    quantizer: str = "rtn"
+    damp: float = 0.01
+    act_order: bool = False
+    balanced: bool = True
+    seq_len: int = 256
+    max_tokens: int | None = 16384
 
     def __post_init__(self):
         for b in (self.bits, self.shared_bits, self.dense_bits):
@@ -39,6 +66,26 @@ class DynaMoConfig(AOBaseConfig):
                 raise QuantizationError(f"expert_bits keys are decoder layer indices (int), got {layer!r}")
             for b in bits:
                 check_bits(b)
+        if self.quantizer not in QUANTIZERS:
+            raise QuantizationError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise QuantizationError(f"unknown allocation {self.allocation!r}; choose one of {ALLOCATIONS}")
+        if self.allocation in ("budget", "frequency") and self.target_bits is None:
+            raise QuantizationError(f"allocation={self.allocation!r} needs target_bits=")
+        if self.target_bits is not None and not 2 <= self.target_bits <= 9:
+            raise QuantizationError(f"target_bits={self.target_bits} is outside what 2 to 8-bit experts cost "
+                                    "(about 2.2 to 8.2 stored bits with their scales and zeros)")
+        if (self.allocation or self.target_bits is not None) and self.analysis is None and self.datasets is None:
+            raise QuantizationError("a bit allocation needs analysis= (dynamoq.analyze) or datasets=")
+        if self.quantizer == "gptq" and self.analysis is None and self.datasets is None:
+            raise QuantizationError("quantizer='gptq' needs calibration data: analysis= or datasets=")
+
+    @property
+    def mode(self) -> str | None:
+        """The allocation that decides per-expert bits, or None (explicit or uniform bits)."""
+        if self.expert_bits is not None:
+            return None
+        return self.allocation or ("budget" if self.target_bits is not None else None)
 
     def bits_for(self, layer: int, num_experts: int) -> tuple[int, ...]:
         """Bit-width of each expert of one MoE layer."""
@@ -51,4 +98,9 @@ class DynaMoConfig(AOBaseConfig):
         if self.expert_bits is not None and self.bits is None:
             raise QuantizationError(
                 f"expert_bits has no entry for MoE layer {layer}; add one or set bits= for the layers it omits")
+        if self.mode == "fuzzy" and self.analysis is not None:
+            from .allocation import fuzzy_bits
+            return tuple(fuzzy_bits(self.analysis.synthesized(self.dataset_weights, self.lam)[layer]))
+        if self.mode is not None:
+            raise QuantizationError(f"allocation {self.mode!r} weighs all layers at once: use dynamoq.quantize_")
         return (self.bits or DEFAULT_BITS,) * num_experts

@@ -2,7 +2,7 @@
 and `quantize_` (torchao's, with that filter, a check of the whole plan first, and no half-done model)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -39,9 +39,12 @@ class Target:
             raise QuantizationError(f"{self.fqn}: {len(self.bits)} bit-widths for {rows} experts")
         check_group(w.shape[-2] if self.transposed else w.shape[-1], group_size, self.fqn)
 
-    def apply(self, group_size: int) -> None:
+    def apply(self, group_size: int, codes=None) -> None:
+        """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer."""
         w = self.weight.data
-        if w.ndim == 3:
+        if codes is not None:
+            q = DynaMoExperts.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype)
+        elif w.ndim == 3:
             q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed)
         else:
             q = SwitchableLinear.from_float(w, self.bits[0], group_size)
@@ -102,6 +105,9 @@ def _dynamoq_transform(module: nn.Module, config: DynaMoConfig) -> nn.Module:
     fqn = module.__dict__.get(_FQN)
     if fqn is None:
         raise QuantizationError("DynaMoConfig needs filter_fn=dynamoq.moe_filter (or use dynamoq.quantize_)")
+    if config.quantizer != "rtn" or config.datasets is not None:
+        raise QuantizationError(f"quantizer={config.quantizer!r} / datasets= need the whole model at once: "
+                                "use dynamoq.quantize_")
     targets = module_targets(module, fqn, config)
     for t in targets:
         t.check(config.group_size)
@@ -111,6 +117,22 @@ def _dynamoq_transform(module: nn.Module, config: DynaMoConfig) -> nn.Module:
     if experts and config.experts_implementation and hasattr(experts[1], "has_gate"):
         experts[1].config._experts_implementation = config.experts_implementation
     return module
+
+
+def _set_experts_implementation(model: nn.Module, config: DynaMoConfig) -> None:
+    for block in adapters.moe_blocks(model):
+        if config.experts_implementation and hasattr(block.experts, "has_gate"):
+            block.experts.config._experts_implementation = config.experts_implementation
+
+
+def _record_usage(model: nn.Module, analysis) -> None:
+    """Keep the routing frequency the bits were chosen with, for bits_report's usage-weighted bits."""
+    if analysis is None:
+        return
+    usage = analysis.usage()
+    for block in adapters.moe_blocks(model):
+        if block.layer in usage:
+            block.experts.__dict__["_dynamoq_usage"] = usage[block.layer].tolist()
 
 
 def plan(model: nn.Module, config: DynaMoConfig) -> list[Target]:
@@ -136,15 +158,44 @@ def plan(model: nn.Module, config: DynaMoConfig) -> list[Target]:
     return targets
 
 
-def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=None) -> nn.Module:
-    """torchao's quantize_ with `moe_filter` as default filter. The whole plan is checked first,
+def resolve(model: nn.Module, config: DynaMoConfig, progress: bool = True) -> DynaMoConfig:
+    """calibrate -> allocate: the config with its analysis made and its per-expert bits decided."""
+    analysis = config.analysis
+    if analysis is None and config.datasets is not None:
+        from .analysis import analyze
+        analysis = analyze(model, dict(config.datasets), tokenizer=config.tokenizer, seq_len=config.seq_len,
+                           max_tokens=config.max_tokens, progress=progress)
+    if analysis is not None:
+        analysis.check_model(model)
+    expert_bits = config.expert_bits
+    if config.mode is not None:
+        from .allocation import allocate
+        expert_bits = allocate(model, analysis, config.mode, config.group_size, config.target_bits,
+                               config.dataset_weights, config.lam, progress=progress)
+    return replace(config, analysis=analysis, datasets=None, expert_bits=expert_bits, allocation=None,
+                   target_bits=None)
+
+
+def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=None, progress: bool = True) -> nn.Module:
+    """torchao's quantize_ with `moe_filter` as default filter, plus the forms that need the whole
+    model (datasets to analyse first, budget allocation, GPTQ). The whole plan is checked first,
     and if anything fails midway every weight is put back, so the model is never half-quantized."""
     if not isinstance(config, DynaMoConfig):
         return _torchao_quantize_(model, config, filter_fn=filter_fn, device=device)
-    plan(model, config)
+    config = resolve(model, config, progress)
+    targets = plan(model, config)
     before = [(m, dict(m._parameters)) for m in model.modules()]
     try:
-        _torchao_quantize_(model, config, filter_fn=filter_fn or moe_filter, device=device)
+        if config.quantizer == "gptq":
+            from . import gptq
+            windows = torch.cat([w for w in config.analysis.windows.values()])
+            gptq.quantize_model(model, targets, windows, config.group_size, config.damp, config.act_order,
+                                config.balanced, progress=progress)
+            _set_experts_implementation(model, config)
+        else:
+            _torchao_quantize_(model, replace(config, analysis=None), filter_fn=filter_fn or moe_filter,
+                               device=device)
+        _record_usage(model, config.analysis)
     except BaseException:
         for m, params in before:
             m._parameters.clear()

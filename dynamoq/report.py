@@ -37,7 +37,8 @@ def bits_report(model: nn.Module, analysis=None) -> dict:
     other: shared experts and dense layers, per weight."""
     experts, nbytes, nweights, usage_num, usage_den = {}, 0, 0, 0.0, 0.0
     blocks = adapters.moe_blocks(model)
-    usage = analysis.usage() if analysis is not None else None
+    usage = analysis.usage() if analysis is not None else {
+        b.layer: b.experts.__dict__["_dynamoq_usage"] for b in blocks if "_dynamoq_usage" in b.experts.__dict__} or None
     inside = set()
     for block in blocks:
         for name, p in _packed(block.experts, f"{block.fqn}.experts"):
@@ -53,7 +54,7 @@ def bits_report(model: nn.Module, analysis=None) -> dict:
             experts[block.layer] = None
         per_expert = _expert_storage_bits(block)
         if usage is not None and per_expert is not None and block.layer in usage:
-            u = usage[block.layer].tolist()
+            u = [float(x) for x in usage[block.layer]]
             usage_num += sum(ui * bi for ui, bi in zip(u, per_expert))
             usage_den += sum(u)
     other = {n: {"bits": p.expert_bits[0] if p.ndim == 2 else list(p.expert_bits), "bytes": p.storage_bytes()}

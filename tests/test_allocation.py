@@ -1,0 +1,78 @@
+import itertools
+
+import pytest
+import torch
+
+from dynamoq import QuantizationError
+from dynamoq.allocation import budget_bits, fuzzy_bits, fuzzy_cmeans, relative_error, storage_average
+from dynamoq.packing import BITS
+
+
+def test_fuzzy_cmeans_finds_separated_clusters():
+    x = torch.tensor([0.01, 0.012, 0.1, 0.11, 0.3, 0.31, 0.7, 0.72])
+    centres, u = fuzzy_cmeans(x)
+    assert centres.tolist() == sorted(centres.tolist())
+    assert u.argmax(1).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.allclose(u.sum(1), torch.ones(8, dtype=u.dtype))
+
+
+def test_fuzzy_bits_maps_centres_to_widths_and_boundaries_go_low():
+    sig = torch.tensor([0.01, 0.012, 0.1, 0.11, 0.3, 0.31, 0.7, 0.72])
+    assert fuzzy_bits(sig) == [2, 2, 4, 4, 6, 6, 8, 8]
+    # an expert half-way between the 0.1 and 0.3 clusters takes the lower precision (4)
+    mid = torch.tensor([0.01, 0.012, 0.1, 0.11, 0.2, 0.3, 0.31, 0.7, 0.72])
+    assert fuzzy_bits(mid)[4] == 4
+
+
+def _brute(weights, sizes, errors, target, g):
+    best, arg = float("inf"), None
+    for combo in itertools.product(range(len(BITS)), repeat=len(weights)):
+        bits = [BITS[j] for j in combo]
+        if storage_average(bits, sizes.tolist(), g) <= target + 1e-9:
+            cost = sum(float(weights[i] * errors[i, j]) for i, j in enumerate(combo))
+            if cost < best - 1e-12:
+                best, arg = cost, bits
+    return best, arg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_budget_allocator_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 5
+    weights = torch.rand(n, generator=g)
+    sizes = torch.tensor([64, 64, 128, 64, 192]) if seed % 2 else torch.full((n,), 64)
+    # errors fall with bits, roughly 4^-b, with noise
+    errors = torch.stack([torch.rand(n, generator=g) * 4.0 ** -b for b in BITS], -1)
+    target = 2.2 + 3.5 * float(torch.rand(1, generator=g))
+    got = budget_bits(weights, sizes, errors, target, group_size=128)
+    best, _ = _brute(weights, sizes, errors, target, 128)
+    cost = sum(float(weights[i] * errors[i, BITS.index(b)]) for i, b in enumerate(got))
+    assert storage_average(got, sizes.tolist(), 128) <= target + 1e-9
+    assert cost == pytest.approx(best, rel=1e-9)
+
+
+def test_budget_is_exact_and_follows_significance():
+    n = 8
+    weights = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01])
+    errors = torch.tensor([[4.0 ** -b for b in BITS]] * n)
+    bits = budget_bits(weights, torch.full((n,), 4096), errors, 3.0, group_size=128)
+    avg = storage_average(bits, [4096] * n, 128)
+    assert 2.9 < avg <= 3.0
+    assert bits == sorted(bits, reverse=True)      # more significant experts get at least as many bits
+
+
+def test_budget_errors():
+    w, s, e = torch.ones(2), torch.full((2,), 64), torch.ones(2, len(BITS))
+    with pytest.raises(QuantizationError, match="below what 2-bit experts cost"):
+        budget_bits(w, s, e, 1.5, group_size=128)
+    assert budget_bits(w, s, e, 9.0, group_size=128) == [8, 8]
+
+
+def test_relative_error_falls_with_bits_and_weights_channels():
+    w = torch.randn(3, 16, 128)
+    m = torch.ones(3, 128)
+    err = relative_error(w, m, 64)
+    assert (err[:, :-1] > err[:, 1:]).all()
+    m2 = m.clone()
+    m2[:, :64] = 0        # channels never used cost nothing
+    assert (relative_error(w, m2, 64) != err).any()

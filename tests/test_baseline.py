@@ -1,0 +1,136 @@
+"""The DynaMo baseline: allocation from an analysis, GPTQ on fused experts, through quantize_."""
+import pytest
+import torch
+import torchao
+from conftest import build
+
+import dynamoq
+from dynamoq import DynaMoConfig, QuantizationError
+from dynamoq.analysis import AnalysisError
+from dynamoq.gptq import gptq
+from dynamoq.packing import dequantize, quantize_rtn
+
+
+def _x(n=512, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    return torch.randn(n, k, generator=g) @ mix * torch.linspace(0.1, 3, k)   # correlated, uneven channels
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_the_output(act_order):
+    w = torch.randn(64, 128)
+    x = _x()
+    h = (x.double().t() @ x.double())
+    for bits in (2, 3, 4):
+        codes, scale, zero, damp = gptq(w, h, bits, 32, act_order=act_order)
+        assert codes.min() >= 0 and codes.max() < 2 ** bits and damp == 0.01
+        err_gptq = (x @ (dequantize(codes, scale, zero) - w).t()).pow(2).mean()
+        err_rtn = (x @ (dequantize(*quantize_rtn(w, bits, 32)) - w).t()).pow(2).mean()
+        assert err_gptq < 0.8 * err_rtn, (bits, err_gptq, err_rtn)
+
+
+def test_gptq_damps_a_singular_hessian_and_refuses_a_hopeless_one():
+    w = torch.randn(16, 64)
+    x = _x(n=3, k=64)                                   # 3 tokens: rank-3 Hessian
+    codes, scale, zero, damp = gptq(w, x.double().t() @ x.double(), 3, 32)
+    assert torch.isfinite(dequantize(codes, scale, zero)).all()
+    with pytest.raises(QuantizationError, match="not positive definite"):
+        gptq(w, -torch.eye(64, dtype=torch.float64), 3, 32)
+
+
+def _data(model, seeds=(1, 2)):
+    v = model.config.vocab_size
+    return {f"d{s}": torch.randint(0, v, (8, 32), generator=torch.Generator().manual_seed(s)) for s in seeds}
+
+
+def _experts_calls(model, x):
+    calls, handles = [], []
+    for b in dynamoq.moe_blocks(model):
+        handles.append(b.experts.register_forward_hook(lambda m, a, k, out: calls.append((a, k, out)), with_kwargs=True))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def _experts_error(model, calls):
+    with torch.no_grad():
+        return sum(((b.experts(*a, **k) - ref).pow(2).sum() / ref.pow(2).sum()).item()
+                   for b, (a, k, ref) in zip(dynamoq.moe_blocks(model), calls))
+
+
+def test_budget_mode_hits_the_target_and_gptq_beats_rtn():
+    m = build("qwen3_moe")
+    data = _data(m)
+    analysis = dynamoq.analyze(m, data, progress=False)
+    calls = _experts_calls(m, torch.cat(list(data.values())))
+    errs = {}
+    for quantizer in ("rtn", "gptq"):
+        q = build("qwen3_moe")
+        dynamoq.quantize_(q, DynaMoConfig(analysis=analysis, target_bits=3.0, quantizer=quantizer, group_size=32),
+                          progress=False)
+        rep = dynamoq.bits_report(q)
+        assert 2.9 <= rep["storage_bits"] <= 3.0
+        assert rep["usage_bits"] is not None and 2.2 < rep["usage_bits"] < 8.8
+        assert any(len(set(bits)) > 1 for bits in rep["experts"].values())      # really mixed
+        errs[quantizer] = _experts_error(q, calls)
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_uniform_gptq_from_datasets_runs_the_analysis_first():
+    m = build("mixtral")
+    dynamoq.quantize_(m, DynaMoConfig(bits=3, datasets=_data(m), quantizer="gptq", group_size=32), progress=False)
+    rep = dynamoq.bits_report(m)
+    assert all(set(b) == {3} for b in rep["experts"].values())
+    assert torch.isfinite(m(torch.randint(0, 128, (1, 8))).logits).all()
+
+
+def test_fuzzy_mode_is_the_same_through_torchao_and_dynamoq():
+    m = build("olmoe")
+    analysis = dynamoq.analyze(m, _data(m), progress=False)
+    a, b = build("olmoe"), build("olmoe")
+    cfg = DynaMoConfig(analysis=analysis, allocation="fuzzy", group_size=32)
+    dynamoq.quantize_(a, cfg, progress=False)
+    torchao.quantization.quantize_(b, cfg, filter_fn=dynamoq.moe_filter)
+    ra, rb = dynamoq.bits_report(a), dynamoq.bits_report(b)
+    assert ra["experts"] == rb["experts"]
+    assert all(set(bits) <= {2, 4, 6, 8} for bits in ra["experts"].values())
+
+
+def test_frequency_ablation_allocates_differently_from_significance():
+    m = build("qwen3_moe")
+    analysis = dynamoq.analyze(m, _data(m, seeds=(1, 2, 3)), progress=False)
+    from dynamoq.allocation import allocate
+    sig = allocate(m, analysis, "budget", 32, 3.0, progress=False)
+    freq = allocate(m, analysis, "frequency", 32, 3.0, progress=False)
+    assert sig.keys() == freq.keys()
+    flat = [b for bits in sig.values() for b in bits]
+    assert min(flat) < max(flat)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target_bits=1.5), "outside what 2 to 8-bit experts cost"),
+    (dict(target_bits=2.1), "below what 2-bit experts cost"),
+    (dict(quantizer="awq"), "unknown quantizer 'awq'"),
+    (dict(allocation="budget"), "needs target_bits"),
+])
+def test_bad_baseline_configs_are_clear(kwargs, match):
+    m = build("qwen3_moe")
+    analysis = dynamoq.analyze(m, _data(m), progress=False)
+    with pytest.raises(QuantizationError, match=match):
+        dynamoq.quantize_(m, DynaMoConfig(analysis=analysis, group_size=32, **kwargs), progress=False)
+
+
+def test_analysis_of_another_model_and_torchao_gptq_are_refused():
+    m = build("qwen3_moe")
+    other = dynamoq.analyze(build("mixtral"), _data(m), progress=False)
+    with pytest.raises(AnalysisError, match="another model"):
+        dynamoq.quantize_(m, DynaMoConfig(analysis=other, target_bits=3.0, group_size=32), progress=False)
+    own = dynamoq.analyze(m, _data(m), progress=False)
+    with pytest.raises(QuantizationError, match="use dynamoq.quantize_"):
+        torchao.quantization.quantize_(m, DynaMoConfig(analysis=own, bits=3, quantizer="gptq", group_size=32),
+                                       filter_fn=dynamoq.moe_filter)
+    with pytest.raises(QuantizationError, match="needs calibration data"):
+        DynaMoConfig(bits=3, quantizer="gptq")
