@@ -7,9 +7,11 @@ from .config import DynaMoConfig
 from .packing import QuantizationError
 from .quantize import moe_filter, quantize_
 from .report import bits_report
+from .switching import adapt_, revert_
 from .tensors import DynaMoExperts, SwitchableLinear
 from . import eval, models
 
 __version__ = "0.1.0"
 __all__ = ["DynaMoConfig", "quantize_", "moe_filter", "bits_report", "moe_blocks", "DynaMoExperts",
-           "SwitchableLinear", "QuantizationError", "UnsupportedModelError", "save", "load", "CheckpointError", "Analysis", "AnalysisError", "analyze"]
+           "SwitchableLinear", "QuantizationError", "UnsupportedModelError", "save", "load", "CheckpointError", "Analysis", "AnalysisError", "analyze",
+           "adapt_", "revert_"]

@@ -55,6 +55,7 @@ class Analysis:
     col2: dict[int, list[torch.Tensor]]              # layer -> per projection [E, K_p] weight column energy
     meta: dict = field(default_factory=dict)
     windows: dict[str, torch.Tensor] = field(default_factory=dict)   # dataset -> calibration tokens [N, T]
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def layers(self) -> list[int]:
@@ -99,6 +100,11 @@ class Analysis:
 
     def channel_significance(self, dataset: str) -> dict[int, list[torch.Tensor]]:
         """S_ch per layer and projection [E, K_p]."""
+        if ("ch", dataset) not in self._memo:
+            self._memo[("ch", dataset)] = self._channel_significance(dataset)
+        return self._memo[("ch", dataset)]
+
+    def _channel_significance(self, dataset: str) -> dict[int, list[torch.Tensor]]:
         ones = lambda t: torch.ones(t.shape[0], dtype=t.dtype)  # noqa: E731  mean_x2 already divides
         return {layer: [significance.channel_significance(m, ones(m), c)
                         for m, c in zip(self.mean_x2(dataset, layer), self.col2[layer])]
@@ -120,6 +126,11 @@ class Analysis:
 
     def channel_dynamics(self) -> dict[int, list[torch.Tensor]]:
         """Across-dataset spread of S_ch per layer and projection [E, K_p]."""
+        if "dyn" not in self._memo:
+            self._memo["dyn"] = self._channel_dynamics()
+        return self._memo["dyn"]
+
+    def _channel_dynamics(self) -> dict[int, list[torch.Tensor]]:
         per = [self.channel_significance(d) for d in self.datasets]
         return {layer: [significance.channel_dynamics(torch.stack([p[layer][i] for p in per]))
                         for i in range(len(self.col2[layer]))]

@@ -12,6 +12,7 @@ Everything is a sum in float64, so shards from several processes add up to the o
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,7 @@ class _BlockHook:
     def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool):
         self.block, self.balanced, self.hessian = block, balanced, hessian
         self.stats: LayerStats | None = None
+        self.thread = threading.get_ident()   # forwards served meanwhile by other threads do not count
 
     def _init(self, dims: list[int], device):
         e = self.block.num_experts
@@ -86,6 +88,8 @@ class _BlockHook:
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return
         x, idx, w = _routing_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
         idx, w = idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1).float()

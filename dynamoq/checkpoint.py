@@ -375,7 +375,11 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
     cache = {fqn: sorted(set(m["parts"]) - {"scale", "zero"} - {p for p in m["parts"] if re.fullmatch(r"q\d+", p)})
              for fqn, m in modules.items()}
     cache = {k: v for k, v in cache.items() if v}
-    float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point() and not isinstance(p, _PackedWeight)]
+    # the model dtype transformers writes to config.json; from_pretrained(dtype=...) other than it re-types
+    # the packed weights too (their parts stay as stored)
+    dtype = getattr(model, "dtype", None) if _is_transformers_model(model) else None
+    float_dtypes = [dtype] if isinstance(dtype, torch.dtype) else [p.dtype for p in model.parameters()
+                                                                   if p.is_floating_point()]
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,

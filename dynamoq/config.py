@@ -35,6 +35,9 @@ class DynaMoConfig(AOBaseConfig):
     Other weights:
       group_size:   inputs per scale/zero group (default 128; must divide every quantized input dim).
       shared_bits:  shared experts (None keeps them); dense_bits: dense MLP layers (None keeps them).
+    Switching:
+      cache_fraction: share of each expert's input channels kept in 16-bit for run-time switching
+                    (dynamoq.adapt_), chosen from the analysis; 0 keeps no cache. Needs an analysis.
       experts_implementation: set on the model's config ("dynamoq" is the fused low-bit path).
     """
     bits: int | None = None
@@ -56,6 +59,7 @@ class DynaMoConfig(AOBaseConfig):
     balanced: bool = True
     seq_len: int = 256
     max_tokens: int | None = 16384
+    cache_fraction: float = 0.01
 
     def __post_init__(self):
         for b in (self.bits, self.shared_bits, self.dense_bits):
@@ -66,6 +70,8 @@ class DynaMoConfig(AOBaseConfig):
                 raise QuantizationError(f"expert_bits keys are decoder layer indices (int), got {layer!r}")
             for b in bits:
                 check_bits(b)
+        if not 0 <= self.cache_fraction <= 0.5:
+            raise QuantizationError(f"cache_fraction={self.cache_fraction} must be between 0 and 0.5")
         if self.quantizer not in QUANTIZERS:
             raise QuantizationError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:

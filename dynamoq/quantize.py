@@ -12,6 +12,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from . import adapters, kernels
 from .config import DynaMoConfig
 from .packing import QuantizationError, check_group
+from .switching import select_channels
 from .tensors import DynaMoExperts, SwitchableLinear, _PackedWeight
 
 _FQN = "_dynamoq_fqn"
@@ -25,6 +26,7 @@ class Target:
     fqn: str
     bits: tuple[int, ...]
     transposed: bool = False
+    cache_idx: torch.Tensor | None = None     # [E, r] input channels kept for switching
 
     @property
     def weight(self) -> torch.Tensor:
@@ -43,9 +45,10 @@ class Target:
         """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer."""
         w = self.weight.data
         if codes is not None:
-            q = DynaMoExperts.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype)
+            w_nk = w.transpose(-1, -2) if self.transposed else w
+            q = DynaMoExperts.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx, w_nk)
         elif w.ndim == 3:
-            q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed)
+            q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed, self.cache_idx)
         else:
             q = SwitchableLinear.from_float(w, self.bits[0], group_size)
         setattr(self.owner, self.name, nn.Parameter(q, requires_grad=False))
@@ -78,7 +81,10 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
     bits = config.bits_for(block.layer, block.num_experts)
     prefix = f"{fqn}.experts" if fqn else "experts"
     if block.adapter.fused:
-        out = [Target(block.experts, p.name, f"{prefix}.{p.name}", bits, p.transposed) for p in block.projections]
+        cache = config.analysis is not None and config.cache_fraction > 0 and block.adapter.calibration is None
+        out = [Target(block.experts, p.name, f"{prefix}.{p.name}", bits, p.transposed,
+                      select_channels(config.analysis, block.layer, i, config.cache_fraction) if cache else None)
+               for i, p in enumerate(block.projections)]
     else:
         out = [t for e, b in zip(range(len(block.experts)), bits)
                for t in _dense_targets(block.experts[e], f"{prefix}.{e}", b)]
@@ -193,8 +199,7 @@ def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=Non
                                 config.balanced, progress=progress)
             _set_experts_implementation(model, config)
         else:
-            _torchao_quantize_(model, replace(config, analysis=None), filter_fn=filter_fn or moe_filter,
-                               device=device)
+            _torchao_quantize_(model, config, filter_fn=filter_fn or moe_filter, device=device)
         _record_usage(model, config.analysis)
     except BaseException:
         for m, params in before:

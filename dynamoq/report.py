@@ -34,8 +34,9 @@ def bits_report(model: nn.Module, analysis=None) -> dict:
     """experts[layer]: bits of each routed expert; storage_bits: stored bits per routed-expert weight
     (codes, scales and zeros); usage_bits: the same weighted by how often the analysis saw each
     expert routed (None without an analysis); bytes: bytes of packed routed-expert storage;
+    cache_bytes / cache_bits: the switching cache, in bytes and in bits per routed-expert weight;
     other: shared experts and dense layers, per weight."""
-    experts, nbytes, nweights, usage_num, usage_den = {}, 0, 0, 0.0, 0.0
+    experts, nbytes, nweights, usage_num, usage_den, cache = {}, 0, 0, 0.0, 0.0, 0
     blocks = adapters.moe_blocks(model)
     usage = analysis.usage() if analysis is not None else {
         b.layer: b.experts.__dict__["_dynamoq_usage"] for b in blocks if "_dynamoq_usage" in b.experts.__dict__} or None
@@ -43,6 +44,7 @@ def bits_report(model: nn.Module, analysis=None) -> dict:
     for block in blocks:
         for name, p in _packed(block.experts, f"{block.fqn}.experts"):
             nbytes += p.storage_bytes()
+            cache += p.cache_bytes()
             nweights += p.numel()
             inside.add(name)
         first = getattr(block.experts, block.projections[0].name, None) if block.adapter.fused else None
@@ -67,4 +69,6 @@ def bits_report(model: nn.Module, analysis=None) -> dict:
         "weights": nweights,
         "other": other,
         "other_bytes": sum(v["bytes"] for v in other.values()),
+        "cache_bytes": cache,
+        "cache_bits": 8 * cache / nweights if nweights else None,
     }

@@ -5,6 +5,11 @@ DynaMoExperts: one projection of one MoE layer's experts, every expert with its 
   scale, zero  [E, N, K // g]          float16 scale and uint8 zero point per group of g inputs
   q{b}         [E_b, N, K * b // 8]    codes of the E_b experts that have b bits, in expert order
 SwitchableLinear: the same format for a 2D nn.Linear weight [N, K] (shared experts, dense MLPs).
+Optional switching cache (METHOD.md §3, switching.py), r input channels per expert:
+  cache_idx   [E, r]      int64   the cached (most dynamic) input channels of each expert
+  cache_fp    [E, N, r]   16-bit  their full-precision columns
+  cache_delta [E, N, r]   16-bit  live correction: re-quantized columns minus packed columns (0 = baseline)
+  cache_level [E]         int32   bit-width the cached columns are at now
 
 Any op without a dedicated implementation sees the dequantized weight, so every experts
 implementation of transformers runs on these tensors; `expert_linear` is the fused fast path.
@@ -21,26 +26,30 @@ from .packing import BITS, QuantizationError
 
 aten = torch.ops.aten
 _CODE_NAMES = [f"q{b}" for b in BITS]
+CACHE_NAMES = ["cache_idx", "cache_fp", "cache_delta", "cache_level"]
 
 
 class _PackedWeight(TorchAOBaseTensor):
     tensor_data_names = ["scale", "zero"]
     tensor_attribute_names = ["expert_bits", "group_size", "transposed", "dtype"]
-    optional_tensor_data_names = list(_CODE_NAMES)
+    optional_tensor_data_names = _CODE_NAMES + CACHE_NAMES
 
     def __new__(cls, scale, zero, expert_bits, group_size, transposed, dtype,
-                q2=None, q3=None, q4=None, q6=None, q8=None):
+                q2=None, q3=None, q4=None, q6=None, q8=None,
+                cache_idx=None, cache_fp=None, cache_delta=None, cache_level=None):
         e, n, k = scale.shape[0], scale.shape[1], scale.shape[2] * group_size
         shape = cls._logical_shape(e, n, k, transposed)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=scale.device,
                                                    requires_grad=False)
 
     def __init__(self, scale, zero, expert_bits, group_size, transposed, dtype,
-                 q2=None, q3=None, q4=None, q6=None, q8=None):
+                 q2=None, q3=None, q4=None, q6=None, q8=None,
+                 cache_idx=None, cache_fp=None, cache_delta=None, cache_level=None):
         self.scale, self.zero = scale, zero
         self.expert_bits = tuple(int(b) for b in expert_bits)
         self.group_size, self.transposed = int(group_size), bool(transposed)
         self.q2, self.q3, self.q4, self.q6, self.q8 = q2, q3, q4, q6, q8
+        self.cache_idx, self.cache_fp, self.cache_delta, self.cache_level = cache_idx, cache_fp, cache_delta, cache_level
 
     @staticmethod
     def _logical_shape(e, n, k, transposed):
@@ -48,17 +57,25 @@ class _PackedWeight(TorchAOBaseTensor):
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_codes(cls, codes, scale, zero, expert_bits, group_size, transposed=False, dtype=torch.bfloat16):
-        """codes [E, N, K] integers, scale/zero [E, N, K // g], expert_bits: E ints."""
+    def from_codes(cls, codes, scale, zero, expert_bits, group_size, transposed=False, dtype=torch.bfloat16,
+                   cache_idx=None, w_fp=None):
+        """codes [E, N, K] integers, scale/zero [E, N, K // g], expert_bits: E ints; with cache_idx [E, r]
+        and the full-precision w_fp [E, N, K], keep those columns for run-time switching."""
         packed = {}
         for b in sorted(set(expert_bits)):
             idx = [e for e, eb in enumerate(expert_bits) if eb == b]
             packed[f"q{b}"] = packing.pack(codes[idx], b)
+        if cache_idx is not None:
+            cdt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
+            cols = cache_idx[:, None, :].expand(-1, w_fp.shape[1], -1)
+            fp = w_fp.gather(-1, cols).to(cdt)                                              # [E, N, r]
+            packed.update(cache_idx=cache_idx.long(), cache_fp=fp, cache_delta=torch.zeros_like(fp),
+                          cache_level=torch.tensor(expert_bits, dtype=torch.int32))
         return cls(scale.to(packing.SCALE_DTYPE), zero.to(torch.uint8), expert_bits, group_size, transposed,
                    dtype, **packed)
 
     @classmethod
-    def from_float(cls, w, expert_bits, group_size=128, transposed=False):
+    def from_float(cls, w, expert_bits, group_size=128, transposed=False, cache_idx=None):
         """Round-to-nearest. w is the logical weight; expert_bits one bit-width per leading row."""
         w3 = cls._to_nk(w, transposed)
         if len(expert_bits) != w3.shape[0]:
@@ -73,7 +90,7 @@ class _PackedWeight(TorchAOBaseTensor):
         for b in sorted(set(expert_bits)):
             idx = torch.tensor([i for i, eb in enumerate(expert_bits) if eb == b], device=w.device)
             codes[idx], scale[idx], zero[idx] = packing.quantize_rtn(w3[idx], b, group_size)
-        return cls.from_codes(codes, scale, zero, expert_bits, group_size, transposed, w.dtype)
+        return cls.from_codes(codes, scale, zero, expert_bits, group_size, transposed, w.dtype, cache_idx, w3)
 
     @staticmethod
     def _to_nk(w, transposed):
@@ -112,7 +129,16 @@ class _PackedWeight(TorchAOBaseTensor):
             for pos, e in enumerate(order):
                 inv[e] = pos
             w = w[torch.tensor(inv, device=w.device)]
+        if self.cache_idx is not None:
+            cols = self.cache_idx[:, None, :].expand(-1, w.shape[1], -1)
+            w = w.scatter_add(-1, cols, self.cache_delta.to(w.dtype))
         return w
+
+    def packed_nk(self, dtype=None) -> torch.Tensor:
+        """[E, N, K] of the packed codes alone, without the switching correction."""
+        if self.cache_idx is None:
+            return self.dequantize_nk(dtype)
+        return replace_cache(self, None).dequantize_nk(dtype)
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The logical weight as a plain tensor."""
@@ -125,9 +151,14 @@ class _PackedWeight(TorchAOBaseTensor):
         names = self.tensor_data_names + [n for n in _CODE_NAMES if getattr(self, n) is not None]
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
+    def cache_bytes(self) -> int:
+        """Bytes of the switching cache (0 without one)."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                   for n in CACHE_NAMES if getattr(self, n) is not None)
+
     def _stable_hash_for_caching(self) -> str:
         # the compiled graph depends on the layout metadata, not on the weight values
-        shapes = [tuple(getattr(self, n).shape) for n in self.tensor_data_names + _CODE_NAMES
+        shapes = [tuple(getattr(self, n).shape) for n in self.tensor_data_names + self.optional_tensor_data_names
                   if getattr(self, n) is not None]
         return f"{type(self).__name__}-{self.expert_bits}-{self.group_size}-{self.transposed}-{self.dtype}-{shapes}"
 
@@ -159,6 +190,9 @@ class DynaMoExperts(_PackedWeight):
             if len(set(self.expert_bits)) > 1:
                 y = torch.where((bits_of[ids] == b)[:, None], y, 0.0)
             out = y if out is None else out + y
+        if self.cache_idx is not None:                                             # switched channels
+            xc = x.gather(1, self.cache_idx[ids])                                  # [S, r]
+            out = out + (self.cache_delta[ids].float() * xc[:, None, :]).sum(-1)
         return out
 
     def _grouped_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -191,6 +225,13 @@ class SwitchableLinear(_PackedWeight):
         return self.expert_bits[0]
 
 
+def replace_cache(t: _PackedWeight, cache: dict | None) -> _PackedWeight:
+    """The same packed weight with another switching cache (None: without one)."""
+    names = {n: getattr(t, n) for n in _CODE_NAMES}
+    names.update(cache or {})
+    return type(t)(t.scale, t.zero, t.expert_bits, t.group_size, t.transposed, t.dtype, **names)
+
+
 # ---- ops ----------------------------------------------------------------------------------------
 def _plain(x):
     return x.dequantize() if isinstance(x, _PackedWeight) else x
@@ -201,7 +242,7 @@ def _to_copy(func, types, args, kwargs):
     kw = self._get_to_kwargs(*args[1:], **kwargs)
     moved = self._apply_fn_to_data(lambda t: t.to(kw["device"]))
     out = type(self)(moved.scale, moved.zero, self.expert_bits, self.group_size, self.transposed, kw["dtype"],
-                     **{n: getattr(moved, n) for n in _CODE_NAMES})
+                     **{n: getattr(moved, n) for n in _CODE_NAMES + CACHE_NAMES})
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
@@ -218,6 +259,9 @@ def _select(func, types, args, kwargs):
     b, slot = self._slots()[index]
     w = packing.dequantize(packing.unpack(getattr(self, f"q{b}")[slot], b), self.scale[index],
                            self.zero[index], self.dtype)
+    if self.cache_idx is not None:
+        cols = self.cache_idx[index][None, :].expand(w.shape[0], -1)
+        w = w.scatter_add(-1, cols, self.cache_delta[index].to(w.dtype))
     return w.transpose(-1, -2) if self.transposed else w
 
 

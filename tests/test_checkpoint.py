@@ -558,3 +558,23 @@ def test_loaded_model_can_be_dequantized(saved_qwen3):
     assert not dynamoq.checkpoint.has_packed_weights(m) and not hasattr(m.config, "quantization_config")
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_switching_cache_parts_round_trip_and_are_checked(tmp_path):
+    import inspect
+
+    if "cache_idx" not in inspect.signature(DynaMoExperts.from_float).parameters:
+        pytest.skip("DynaMoExperts has no switching cache yet")
+    idx = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(e))[:4] for e in range(4)])
+    m = TinyMoE()
+    m.experts = nn.Parameter(DynaMoExperts.from_float(m.experts.data, (2, 3, 4, 8), 32, cache_idx=idx),
+                             requires_grad=False)
+    dynamoq.save(m, tmp_path)
+    qc = json.loads((tmp_path / "dynamoq.json").read_text())["quantization_config"]
+    assert set(qc["switching_cache"]["experts"]) == {n for n in m.experts.__tensor_flatten__()[0] if n.startswith("cache")}
+    target = dynamoq.load(tmp_path, TinyMoE())
+    assert_same(m, target)
+    key = "_experts_cache_fp"                        # a cache part of the wrong shape (re-sealed on purpose)
+    rewrite_weights(tmp_path, lambda t: t.update({key: t[key][:, :, :-1].contiguous()}))
+    with pytest.raises(CheckpointError, match=f"{key}: found"):
+        dynamoq.load(tmp_path, TinyMoE())

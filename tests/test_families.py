@@ -51,8 +51,8 @@ def _rel(a, b):
 def _experts_calls(model, x):
     """Inputs and outputs of every experts module in one forward: [(module, args, kwargs, out)]."""
     calls, handles = [], []
-    for b in dynamoq.moe_blocks(model):
-        hook = lambda m, a, k, out: calls.append((a, k, out))  # noqa: E731
+    for i, b in enumerate(dynamoq.moe_blocks(model)):   # a looped model calls the same experts repeatedly
+        hook = lambda m, a, k, out, i=i: calls.append((i, a, k, out))  # noqa: E731
         handles.append(b.experts.register_forward_hook(hook, with_kwargs=True))
     with torch.no_grad():
         model(x)
@@ -64,8 +64,9 @@ def _experts_calls(model, x):
 def _experts_error(model, calls):
     """Relative error of the quantized experts on exactly the inputs the full-precision ones saw
     (so a routing decision flipped by a tiny change cannot hide or fake an error)."""
+    blocks = dynamoq.moe_blocks(model)
     with torch.no_grad():
-        outs = [(b.experts(*a, **k), ref) for b, (a, k, ref) in zip(dynamoq.moe_blocks(model), calls)]
+        outs = [(blocks[i].experts(*a, **k), ref) for i, a, k, ref in calls]
     return max(_rel(o, r) for o, r in outs)
 
 
