@@ -103,11 +103,12 @@ def _layer_inputs(model, layers, windows, batch_size):
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     device = input_device(model)
     try:
-        for i in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
+        for w in windows:                      # one [N, T] tensor per calibration dataset
+            for i in range(0, w.shape[0], batch_size):
+                try:
+                    model(input_ids=w[i:i + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     return captured
@@ -122,7 +123,7 @@ def _run(layer, inputs):
 
 
 @torch.no_grad()
-def quantize_model(model, targets, windows: torch.Tensor, group_size: int, damp: float = 0.01,
+def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int, damp: float = 0.01,
                    act_order: bool = False, balanced: bool = True, batch_size: int = 8,
                    progress: bool = True) -> dict:
     """GPTQ for the fused-expert targets, round-to-nearest for the others, decoder layer by layer."""

@@ -194,7 +194,10 @@ def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=Non
     try:
         if config.quantizer == "gptq":
             from . import gptq
-            windows = torch.cat([w for w in config.analysis.windows.values()])
+            windows = list(config.analysis.windows.values())
+            if not windows:
+                raise QuantizationError("quantizer='gptq' needs the analysis' calibration tokens, and this analysis "
+                                        "holds none: run dynamoq.analyze again or pass datasets=")
             gptq.quantize_model(model, targets, windows, config.group_size, config.damp, config.act_order,
                                 config.balanced, progress=progress)
             _set_experts_implementation(model, config)

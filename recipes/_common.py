@@ -1,0 +1,82 @@
+"""Shared by the benchmark recipes: the reference model, the corpora, evaluation, result files."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+CALIB = ["drama", "python", "german"]          # calibration domains of the benchmarks
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--model", default="real", help='"real", "tiny" (dynamoq.models.reference) or a path')
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-tokens", type=int, default=8192, help="test tokens per domain")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens per domain")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--name", default=None, help="result file stem (default: the recipe's)")
+    p.add_argument("--domains", nargs="*", default=None, help="evaluation domains (default: all)")
+    return p
+
+
+def load(args):
+    import transformers
+
+    import dynamoq
+    torch.set_num_threads(args.threads)
+    path = dynamoq.models.reference(args.model) if args.model in ("real", "tiny") else args.model
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, model, tok
+
+
+def fresh(path):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def texts(domain: str, split: str):
+    import dynamoq
+    return dynamoq.data.load(domain, split)
+
+
+def evaluate(model, tok, domains, args, reference=None) -> dict:
+    """Per-domain test perplexity (95% CI), top-1, and KL to a reference model."""
+    import dynamoq
+    out = {}
+    for d in domains:
+        r = dynamoq.eval.perplexity(model, texts(d, "test"), tokenizer=tok, max_tokens=args.eval_tokens,
+                                    seq_len=args.seq_len, progress=False)
+        row = {"ppl": r.ppl, "ci": [r.ci_low, r.ci_high], "tokens": r.tokens, "top1": r.top1,
+               "tokens_per_second": r.tokens_per_second}
+        if reference is not None:
+            kl = dynamoq.eval.kl_divergence(model, reference, texts(d, "test"), tokenizer=tok,
+                                            max_tokens=args.eval_tokens // 2, seq_len=args.seq_len, progress=False)
+            row["kl"] = kl.kl
+        out[d] = row
+    return out
+
+
+def write(name: str, result: dict, table: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              **result}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
+    header = (f"<!-- written by recipes/{Path(sys.argv[0]).name}; do not edit -->\n"
+              f"Command: `python recipes/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}` "
+              f"({result['machine']}, {result['date']})\n\n")
+    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    print(header + table)
+
+
+def fmt_ppl(row) -> str:
+    return f"{row['ppl']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]"
