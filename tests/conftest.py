@@ -27,3 +27,27 @@ def build(model_type: str, dtype=torch.float32):
 
 def tokens(model, batch=2, length=8):
     return torch.randint(0, model.config.get_text_config().vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def experts_calls(model, x):
+    """Inputs and outputs of every experts call in one forward: [(block index, args, kwargs, out)]
+    (a looped model calls the same experts module more than once)."""
+    import dynamoq
+    calls, handles = [], []
+    for i, b in enumerate(dynamoq.moe_blocks(model)):
+        hook = lambda m, a, k, out, i=i: calls.append((i, a, k, out))  # noqa: E731
+        handles.append(b.experts.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def experts_errors(model, calls):
+    """Relative error of each experts call of `model` on exactly the inputs recorded by
+    experts_calls (so a routing decision flipped by a tiny change cannot hide or fake an error)."""
+    import dynamoq
+    blocks = dynamoq.moe_blocks(model)
+    with torch.no_grad():
+        return [((blocks[i].experts(*a, **k) - ref).norm() / ref.norm()).item() for i, a, k, ref in calls]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torchao
-from conftest import build
+from conftest import build, experts_calls, experts_errors
 
 import dynamoq
 from dynamoq import DynaMoConfig, QuantizationError
@@ -44,28 +44,11 @@ def _data(model, seeds=(1, 2)):
     return {f"d{s}": torch.randint(0, v, (8, 32), generator=torch.Generator().manual_seed(s)) for s in seeds}
 
 
-def _experts_calls(model, x):
-    calls, handles = [], []
-    for b in dynamoq.moe_blocks(model):
-        handles.append(b.experts.register_forward_hook(lambda m, a, k, out: calls.append((a, k, out)), with_kwargs=True))
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return calls
-
-
-def _experts_error(model, calls):
-    with torch.no_grad():
-        return sum(((b.experts(*a, **k) - ref).pow(2).sum() / ref.pow(2).sum()).item()
-                   for b, (a, k, ref) in zip(dynamoq.moe_blocks(model), calls))
-
-
 def test_budget_mode_hits_the_target_and_gptq_beats_rtn():
     m = build("qwen3_moe")
     data = _data(m)
     analysis = dynamoq.analyze(m, data, progress=False)
-    calls = _experts_calls(m, torch.cat(list(data.values())))
+    calls = experts_calls(m, torch.cat(list(data.values())))
     errs = {}
     for quantizer in ("rtn", "gptq"):
         q = build("qwen3_moe")
@@ -75,7 +58,7 @@ def test_budget_mode_hits_the_target_and_gptq_beats_rtn():
         assert 2.9 <= rep["storage_bits"] <= 3.0
         assert rep["usage_bits"] is not None and 2.2 < rep["usage_bits"] < 8.8
         assert any(len(set(bits)) > 1 for bits in rep["experts"].values())      # really mixed
-        errs[quantizer] = _experts_error(q, calls)
+        errs[quantizer] = sum(e ** 2 for e in experts_errors(q, calls))
     assert errs["gptq"] < errs["rtn"], errs
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import build, tokens
+from conftest import build, experts_calls, experts_errors, tokens
 from families import TINY
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -48,37 +48,15 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _experts_calls(model, x):
-    """Inputs and outputs of every experts module in one forward: [(module, args, kwargs, out)]."""
-    calls, handles = [], []
-    for i, b in enumerate(dynamoq.moe_blocks(model)):   # a looped model calls the same experts repeatedly
-        hook = lambda m, a, k, out, i=i: calls.append((i, a, k, out))  # noqa: E731
-        handles.append(b.experts.register_forward_hook(hook, with_kwargs=True))
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return calls
-
-
-def _experts_error(model, calls):
-    """Relative error of the quantized experts on exactly the inputs the full-precision ones saw
-    (so a routing decision flipped by a tiny change cannot hide or fake an error)."""
-    blocks = dynamoq.moe_blocks(model)
-    with torch.no_grad():
-        outs = [(blocks[i].experts(*a, **k), ref) for i, a, k, ref in calls]
-    return max(_rel(o, r) for o, r in outs)
-
-
 @pytest.mark.parametrize("model_type", sorted(set(TINY) - set(REFUSED)))
 def test_family_is_really_quantized_and_runs(model_type):
     x = tokens(build(model_type))
-    calls = _experts_calls(build(model_type), x)
+    calls = experts_calls(build(model_type), x)
     errors = {}
     for bits in (8, 4, 2):
         m = build(model_type)
         dynamoq.quantize_(m, DynaMoConfig(bits=bits, shared_bits=bits, group_size=G))
-        errors[bits] = _experts_error(m, calls)
+        errors[bits] = max(experts_errors(m, calls))
         with torch.no_grad():
             assert torch.isfinite(m(x).logits).all()
         if bits == 4:
