@@ -71,6 +71,10 @@ class Analysis:
             out[layer] = c / c.sum().clamp(min=1)
         return out
 
+    def linear_stats(self, dataset: str) -> dict[str, LayerStats]:
+        """Input sums of the shared-expert and dense-MLP nn.Linear layers, by name."""
+        return {k: v for k, v in self.stats[dataset].items() if isinstance(k, str)}
+
     def mean_x2(self, dataset: str, layer: int) -> list[torch.Tensor]:
         """E[x_c^2] per expert and projection, with the fallback for experts short of tokens."""
         s = self.stats[dataset][layer]
@@ -149,8 +153,9 @@ class Analysis:
         tensors = {}
         for i, d in enumerate(self.datasets):
             for layer, s in self.stats[d].items():
+                pre = f"d{i}.L{layer}." if isinstance(layer, int) else f"d{i}.F{layer}|"
                 for name, t in s.tensors().items():
-                    tensors[f"d{i}.L{layer}.{name}"] = t.contiguous()
+                    tensors[pre + name] = t.contiguous()
         for layer, cs in self.col2.items():
             for p, t in enumerate(cs):
                 tensors[f"col2.L{layer}.{p}"] = t.contiguous()
@@ -184,6 +189,11 @@ class Analysis:
                 pre = f"d{i}.L{layer}."
                 stats[d][layer] = LayerStats.from_tensors({k[len(pre):]: v for k, v in tensors.items()
                                                            if k.startswith(pre)})
+            linears = {k[len(f"d{i}.F"):].split("|")[0] for k in tensors if k.startswith(f"d{i}.F")}
+            for fqn in sorted(linears):
+                pre = f"d{i}.F{fqn}|"
+                stats[d][fqn] = LayerStats.from_tensors({k[len(pre):]: v for k, v in tensors.items()
+                                                         if k.startswith(pre)})
         col2 = {layer: [tensors[k] for k in sorted(k for k in tensors if k.startswith(f"col2.L{layer}."))]
                 for layer in layers}
         windows = {d: tensors[f"d{i}.windows"] for i, d in enumerate(meta["datasets"]) if f"d{i}.windows" in tensors}

@@ -7,6 +7,8 @@ For each MoE layer and each projection p (0: gate_up / up, 1: down) with K_p inp
   wx2    [E, K_p]   the same, each token weighted by its routing weight
   all_x2 [E, K_p]   with balanced=True: every token through every expert (for experts short of tokens)
   hessian[E, K_p, K_p]  on demand (GPTQ), float64, X^T X of the routed tokens
+For the nn.Linear layers of shared experts and dense MLPs the same sums are kept as a one-expert
+LayerStats (count [1], x2 [1, K], hessian [1, K, K] on demand), keyed by the Linear's name.
 Everything is a sum in float64, so shards from several processes add up to the one-process result.
 """
 from __future__ import annotations
@@ -125,6 +127,55 @@ class _BlockHook:
                 self.stats.all_count += x.shape[0]
 
 
+class _LinearHook:
+    """Sums over the inputs of one nn.Linear (shared experts, dense MLPs)."""
+
+    def __init__(self, hessian: bool):
+        self.hessian, self.stats = hessian, None
+        self.thread = threading.get_ident()
+
+    @torch.no_grad()
+    def __call__(self, module, args):
+        if threading.get_ident() != self.thread:
+            return
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        if self.stats is None:
+            z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
+            k = x.shape[-1]
+            self.stats = LayerStats(z(1), z(1), [z(1, k)], [z(1, k)], hessian=[z(1, k, k)] if self.hessian else None)
+        s = self.stats
+        s.count += x.shape[0]
+        s.weight += x.shape[0]
+        s.x2[0][0] += x.pow(2).sum(0)
+        s.wx2[0][0] += x.pow(2).sum(0)
+        if self.hessian:
+            s.hessian[0][0] += x.t() @ x
+
+
+def dense_linears(model, layer: int | None = None) -> dict:
+    """The nn.Linear layers of shared experts and dense MLPs (of one decoder layer if given)."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if adapters.is_shared_expert(m, fqn) or adapters.is_dense_mlp(m, fqn) or (
+                adapters.experts_of(m) is None and any(n in adapters.SHARED_NAMES for n in fqn.split("."))):
+            for name, lin in m.named_modules(prefix=fqn):
+                if isinstance(lin, torch.nn.Linear) and (layer is None or adapters.layer_index(name) == layer):
+                    out[name] = lin
+    return out
+
+
+@contextlib.contextmanager
+def collecting_linears(linears: dict, hessian: bool = False):
+    """Within the block, every forward adds to the input sums of the given nn.Linear layers."""
+    hooks = {name: _LinearHook(hessian) for name in linears}
+    handles = [lin.register_forward_pre_hook(hooks[name]) for name, lin in linears.items()]
+    try:
+        yield hooks
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def collecting(model, blocks=None, balanced=False, hessian=False):
     """Within the block, every forward adds to the statistics of each MoE block: yields
@@ -169,13 +220,14 @@ def input_device(model) -> torch.device:
 
 @torch.no_grad()
 def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool = False,
-              desc: str = "calibrating", progress: bool = True) -> dict[int, LayerStats]:
+              desc: str = "calibrating", progress: bool = True) -> dict[int | str, LayerStats]:
     """Run windows [N, T] through the model (this process's shard of them) and return the summed
-    statistics of every MoE layer, reduced over all processes."""
+    statistics of every MoE layer (int keys) and of every shared-expert and dense-MLP nn.Linear
+    (their names), reduced over all processes."""
     rank, world = rank_world()
     shard = windows[rank::world]
     device = input_device(model)
-    with collecting(model, balanced=balanced) as hooks:
+    with collecting(model, balanced=balanced) as hooks, collecting_linears(dense_linears(model)) as lin:
         for i in tqdm(range(0, shard.shape[0], batch_size), desc=desc, disable=not progress or rank != 0,
                       unit="batch"):
             out = model(input_ids=shard[i:i + batch_size].to(device), use_cache=False)
@@ -186,5 +238,6 @@ def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool 
     if missing:
         raise RuntimeError(f"MoE layers {missing} received no tokens: the model never called their experts")
     stats = {layer: h.stats for layer, h in hooks.items()}
+    stats.update({name: h.stats for name, h in lin.items() if h.stats is not None})
     all_reduce_(stats)
     return stats

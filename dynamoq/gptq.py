@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import adapters
-from .calibration import collecting, input_device
+from .calibration import collecting, collecting_linears, input_device
 from .packing import QuantizationError
 
 MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
@@ -126,7 +126,8 @@ def _run(layer, inputs):
 def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int, damp: float = 0.01,
                    act_order: bool = False, balanced: bool = True, batch_size: int = 8,
                    progress: bool = True) -> dict:
-    """GPTQ for the fused-expert targets, round-to-nearest for the others, decoder layer by layer."""
+    """GPTQ for the fused-expert targets and the nn.Linear weights of shared experts and dense MLPs,
+    round-to-nearest for the rest, decoder layer by layer."""
     blocks = {b.layer: b for b in adapters.moe_blocks(model)}
     layers = adapters.decoder_layers(model)
     by_layer: dict[int, list] = {}
@@ -139,9 +140,21 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
         block = blocks.get(i)
         gptq_targets = [t for t in todo if block is not None and t.owner is block.experts
                         and block.adapter.calibration is None]
-        if gptq_targets:
-            with collecting(model, blocks=[block], balanced=balanced, hessian=True) as hooks:
+        linear_targets = [t for t in todo if isinstance(t.owner, torch.nn.Linear)]
+        if gptq_targets or linear_targets:
+            with collecting(model, blocks=[block] if gptq_targets else [], balanced=balanced, hessian=True) as hooks, \
+                    collecting_linears({t.fqn: t.owner for t in linear_targets}, hessian=True) as lin:
                 _run(layers[i], inputs)
+            for t in linear_targets:
+                s = lin[t.fqn].stats
+                if s is None or s.count[0] < MIN_TOKENS:
+                    report["fallback_rtn"].append(t.fqn)
+                    t.apply(group_size)
+                    continue
+                codes, scale, zero, d = gptq(t.weight.detach().float().cpu(), s.hessian[0][0].cpu(), t.bits[0],
+                                             group_size, damp, act_order)
+                t.apply(group_size, codes=(codes[None], scale[None], zero[None]))
+        if gptq_targets:
             stats = hooks[block.layer].stats
             names = [p.name for p in block.projections]
             for t in gptq_targets:
@@ -169,7 +182,7 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                 t.apply(group_size, codes=(codes, scale, zero))
             del stats, hooks
         for t in todo:
-            if t not in gptq_targets:
+            if t not in gptq_targets and t not in linear_targets:
                 t.apply(group_size)
         inputs = _run(layers[i], inputs)
     return report

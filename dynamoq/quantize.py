@@ -44,9 +44,10 @@ class Target:
     def apply(self, group_size: int, codes=None) -> None:
         """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer."""
         w = self.weight.data
-        if codes is not None:
+        if codes is not None:       # [E, N, K] ([1, N, K] for a 2D weight)
             w_nk = w.transpose(-1, -2) if self.transposed else w
-            q = DynaMoExperts.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx, w_nk)
+            cls = DynaMoExperts if w.ndim == 3 else SwitchableLinear
+            q = cls.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx, w_nk)
         elif w.ndim == 3:
             q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed, self.cache_idx)
         else:

@@ -192,3 +192,17 @@ def test_two_processes_give_the_statistics_of_one(tmp_path):
     for layer in one.layers:
         for k, t in one.stats["x"][layer].tensors().items():
             assert torch.allclose(two.stats["x"][layer].tensors()[k], t, rtol=1e-9, atol=1e-9), (layer, k)
+
+
+def test_shared_experts_and_dense_layers_get_statistics_too(tmp_path):
+    m = build("deepseek_v3")                      # layer 0 dense, layer 1 MoE with shared experts
+    w = _windows(m)
+    a = analyze(m, {"x": w}, progress=False)
+    lin = a.linear_stats("x")
+    assert "model.layers.0.mlp.gate_proj" in lin and "model.layers.1.mlp.shared_experts.down_proj" in lin
+    s = lin["model.layers.0.mlp.gate_proj"]
+    assert int(s.count) == w.numel() and s.x2[0].shape == (1, 64) and (s.x2[0] > 0).all()
+    a.save(tmp_path / "a")
+    b = Analysis.load(tmp_path / "a")
+    assert torch.equal(b.linear_stats("x")["model.layers.1.mlp.shared_experts.down_proj"].x2[0],
+                       lin["model.layers.1.mlp.shared_experts.down_proj"].x2[0])

@@ -117,3 +117,18 @@ def test_analysis_of_another_model_and_torchao_gptq_are_refused():
                                        filter_fn=dynamoq.moe_filter)
     with pytest.raises(QuantizationError, match="needs calibration data"):
         DynaMoConfig(bits=3, quantizer="gptq")
+
+
+def test_gptq_serves_shared_experts_and_dense_layers():
+    m = build("deepseek_v3")                     # dense layer 0, MoE layer 1 with shared experts
+    calls = experts_calls(m, torch.randint(0, 128, (2, 16)))
+    ref = m.model.layers[0].mlp.gate_proj.weight.detach().clone()
+    data = _data(m)
+    dynamoq.quantize_(m, DynaMoConfig(bits=3, datasets=data, quantizer="gptq", shared_bits=3, dense_bits=3,
+                                      group_size=32), progress=False)
+    w = m.model.layers[0].mlp.gate_proj.weight
+    assert w.bits == 3
+    rtn = dequantize(*quantize_rtn(ref, 3, 32))
+    assert not torch.equal(w.dequantize(), rtn)          # GPTQ moved it off the round-to-nearest grid point
+    assert m.model.layers[1].mlp.shared_experts.up_proj.weight.bits == 3
+    assert all(e < 1.0 for e in experts_errors(m, calls))
