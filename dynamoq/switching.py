@@ -111,7 +111,8 @@ def _pad8(x):   # quantize_rtn groups need a multiple of 8: repeat the last colu
 def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 256, policy: str = "paper",
            progress: bool = False) -> dict:
     """Adapt a quantized model to new data: returns {"changed": {layer: {expert: [old, new]}},
-    "seconds": ..., "tokens": ...}. policy="paper": cached columns move up or down with the new
+    "seconds", "estimate_seconds" (the calibration pass over the sample), "switch_seconds"
+    (re-clustering, re-quantizing the cached columns and writing them), "tokens"}. policy="paper": cached columns move up or down with the new
     level; "raise": only up."""
     from .data import token_windows
     t0 = time.perf_counter()
@@ -122,6 +123,7 @@ def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 2
     windows = token_windows(data, tokenizer, seq_len=None if isinstance(data, torch.Tensor) else seq_len,
                             max_tokens=max_tokens)
     stats = calibrate(model, windows, batch_size=8, desc="adapting", progress=progress)
+    t1 = time.perf_counter()
     blocks = {b.layer: b for b, _, _ in cached}
     updates, changed = [], {}
     for layer, block in blocks.items():
@@ -144,7 +146,9 @@ def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 2
         for w, delta, level in updates:
             w.cache_delta.copy_(delta)
             w.cache_level.copy_(level)
-    out = {"changed": changed, "seconds": time.perf_counter() - t0, "tokens": int(windows.numel())}
+    t2 = time.perf_counter()
+    out = {"changed": changed, "seconds": t2 - t0, "estimate_seconds": t1 - t0, "switch_seconds": t2 - t1,
+           "tokens": int(windows.numel())}
     log.info("adapted: %d experts changed level in %.3f s", sum(len(v) for v in changed.values()), out["seconds"])
     return out
 
