@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .htmlreport import _jsonable
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 BUILTIN_NAME = "built-in Qwen3-MoE (4 layers, 8 experts, random weights)"
 BENCH_RECIPE = Path("recipes") / "bench_kernels.py"
@@ -69,14 +71,6 @@ def _emit(args, result: dict, text: list[str]) -> None:
         print(json.dumps(result, indent=2, default=_jsonable))
     else:
         print("\n".join(text))
-
-
-def _jsonable(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
 def _check_model_path(path: str) -> None:
