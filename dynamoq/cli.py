@@ -1,5 +1,7 @@
-"""`dynamoq` command line. With no arguments, `dynamoq quantize` quantizes the built-in MoE with
-mixed per-expert bit-widths and prints what was done: bits, bytes and output error.
+"""`dynamoq` command line. With no arguments, `dynamoq quantize` quantizes the real reference MoE
+(``dynamoq.models.reference("real")``, built on first use) with mixed per-expert bit-widths and prints
+what was done: bits, bytes and output error; `dynamoq quantize --builtin` does the same in seconds on
+a small built-in MoE with random weights.
 
 Subcommands: quantize, analyze, adapt, eval, bench, inspect, report (each has --help). Every one
 takes --json (print one JSON object on stdout), -q/--quiet (no progress bars), --debug (tracebacks)
@@ -95,13 +97,10 @@ def load_model(path: str, dtype: str = "float32"):
 
 
 def _default_model():
-    """(model, name, directory): the reference model when dynamoq.models has one, else the built-in."""
+    """(model, name, directory): the real reference model, built on first use."""
     from . import models
-    reference = getattr(models, "reference", None)
-    if reference is not None:
-        path = str(reference("real"))
-        return load_model(path), path, path
-    return models.builtin(), BUILTIN_NAME, None
+    path = str(models.reference("real"))
+    return load_model(path), path, path
 
 
 def _model_dir(model, given: str | None) -> str | None:
@@ -195,6 +194,16 @@ def _check_quantize_args(args) -> None:
                              datasets={"": []} if has_data else None)
 
 
+def _check_reference_group_size(group_size: int) -> None:
+    """The real reference model's expert input dimensions are 576 (hidden) and 1536 (expert MLP)."""
+    from .reference.real import EXPERT_INPUT_DIMS
+    bad = [k for k in EXPERT_INPUT_DIMS if k % group_size]
+    if bad:
+        ok = [g for g in (32, 64, 192) if all(k % g == 0 for k in EXPERT_INPUT_DIMS)]
+        raise UsageError(f"--group-size {group_size} does not divide the real reference model's expert input "
+                         f"dimension {bad[0]}; use one of {ok} (or --builtin)")
+
+
 def cmd_quantize(args) -> int:
     import transformers
     import dynamoq
@@ -210,8 +219,11 @@ def cmd_quantize(args) -> int:
         _check_model_path(args.model)
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         name = args.model
-    else:
+    elif args.builtin:
         model, name = models.builtin(), BUILTIN_NAME
+    else:
+        _check_reference_group_size(args.group_size)       # before a build that takes minutes
+        model, name, _ = _default_model()
     timings["load"] = time.perf_counter() - t_load
     dynamoq.quantize.plan(model, dynamoq.DynaMoConfig(bits=4, group_size=args.group_size))  # group size, MoE found
     tokens = torch.randint(0, model.config.get_text_config().vocab_size, (2, 32),
@@ -629,10 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dynamoq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    q = sub.add_parser("quantize", parents=[common], help="quantize an MoE (the built-in one by default) and report what was done",
+    q = sub.add_parser("quantize", parents=[common], help="quantize an MoE (the real reference model by default) and report what was done",
                        description="Quantize an MoE: uniform, a mixed 8/4/3/2 demo pattern (default, no data), or "
                                    "DynaMo's per-expert bits from an analysis (--data or --analysis).")
-    q.add_argument("model", nargs="?", help="path of a transformers MoE checkpoint (default: built-in MoE)")
+    q.add_argument("model", nargs="?", help="path of a transformers MoE checkpoint (default: the real reference "
+                   "model, dynamoq.models.reference('real'), built into the cache on first use: about 10-15 minutes "
+                   "with 2 threads, once)")
+    q.add_argument("--builtin", action="store_true", help="quantize the small built-in MoE with random weights "
+                   "instead (seconds; for a quick look at the plumbing)")
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 6, 8), help="uniform bits (default: a mixed 8/4/3/2 demo, "
                    "or DynaMo's allocation with --data/--analysis)")
     q.add_argument("--group-size", type=int, default=64)

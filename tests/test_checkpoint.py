@@ -218,20 +218,27 @@ def test_dynamoq_load_of_a_transformers_checkpoint(tmp_path):
     assert_same(m, dynamoq.load(tmp_path, type(m), verify=False))
 
 
-@pytest.mark.parametrize("kind", ["tiny", "real"])
-def test_reference_models(kind, tmp_path):
-    import dynamoq.models
-
-    reference = getattr(dynamoq.models, "reference", None)
-    if reference is None:
-        pytest.skip("dynamoq.models.reference does not exist yet")
-    path = reference(kind)
+def _mixed_round_trip(path, tmp_path, group_size):
     m = from_pretrained(path, dtype=torch.float32)
     blocks = dynamoq.moe_blocks(m)
     bits = {b.layer: [MIXED[(i + b.layer) % len(MIXED)] for i in range(b.num_experts)] for b in blocks}
-    dynamoq.quantize_(m, DynaMoConfig(expert_bits=bits))
-    m.save_pretrained(tmp_path)
-    assert_same(m, from_pretrained(tmp_path))
+    dynamoq.quantize_(m, DynaMoConfig(expert_bits=bits, group_size=group_size))
+    m.save_pretrained(tmp_path / "q")
+    assert_same(m, from_pretrained(tmp_path / "q"))
+
+
+def test_tiny_reference_model_round_trip(tmp_path):
+    _mixed_round_trip(dynamoq.models.reference("tiny"), tmp_path, 128)
+
+
+def test_real_reference_model_round_trip_on_a_cut_down_build(tmp_path):
+    """The real model's builder on 2 layers and 2 domains (the full build runs in the benchmarks);
+    its expert input dimensions are 576 and 1536, so group 64."""
+    from dynamoq.reference import real
+    dense = real.load_dense(real.fetch_gguf(progress=False), layers=2)
+    path = real.build(tmp_path / "real", real.cut_down(), progress=False, corpus_root=Path(__file__).parent / "data",
+                      dense=dense)
+    _mixed_round_trip(path, tmp_path, 64)
 
 
 # ---- without dynamoq --------------------------------------------------------------------------------

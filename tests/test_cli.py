@@ -192,10 +192,18 @@ def test_quantize_from_a_text_file_with_gptq(capsys, model_dir, tmp_path):
     assert "perplexity" in rep["sections"] and rep["images"] == 4
 
 
-def test_quantize_default_builtin_json(capsys):
-    res = run_json(capsys, "quantize", "-q")
+def test_quantize_builtin_json(capsys):
+    res = run_json(capsys, "quantize", "--builtin", "-q")
     assert res["model"] == cli.BUILTIN_NAME and len(res["experts"]) == 4
     assert res["expert_bytes"] < res["expert_bytes_fp"] and 0 < res["relative_logit_error"] < 0.5
+
+
+def test_quantize_default_is_the_real_reference_model(capsys, model_dir, monkeypatch):
+    import dynamoq.models
+    asked = []
+    monkeypatch.setattr(dynamoq.models, "reference", lambda name="real", **kw: asked.append(name) or str(model_dir))
+    res = run_json(capsys, "quantize", "--group-size", "32", "-q")       # no model given: the README's main job
+    assert asked == ["real"] and res["model"] == str(model_dir) and len(res["experts"]) == 2
 
 
 def test_bench_builtin_and_script(capsys, model_dir, tmp_path):
@@ -210,7 +218,8 @@ def test_bench_builtin_and_script(capsys, model_dir, tmp_path):
 # ---- errors -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, needle", [
     (["quantize", "./no/such/model"], "no model at"),
-    (["quantize", "--group-size", "48"], "group"),
+    (["quantize", "--group-size", "128"], "does not divide"),      # checked before the real model is built
+    (["quantize", "--builtin", "--group-size", "48"], "group"),
     (["quantize", "--allocation", "budget", "--data", "drama"], "target_bits"),
     (["quantize", "--bits", "4", "--target-bits", "3"], "exclude"),
     (["quantize", "--target-bits", "3"], "analysis"),
