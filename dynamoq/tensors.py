@@ -172,40 +172,13 @@ class DynaMoExperts(_PackedWeight):
     _is_3d = True
 
     def expert_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """y[s] = W[ids[s]] @ x[s] for x [S, K], ids [S] -> [S, N] float32.
-        Few pairs (decode): gather, unpack, dequantize and reduce per bit-width group, one
-        expression that Inductor fuses into one loop. Many pairs (prefill): dequantize each expert
-        once and run one grouped matrix product."""
-        if ids.shape[0] > 2 * self.num_rows:
-            return self._grouped_linear(x, ids)
-        x = x.float()
-        out = None
-        slot_of = torch.tensor([s for _, s in self._slots()], device=ids.device)
-        bits_of = torch.tensor(self.expert_bits, device=ids.device)
-        for b in sorted(set(self.expert_bits)):
-            rows = torch.where(bits_of[ids] == b, slot_of[ids], 0)                 # [S]
-            codes = packing.unpack(getattr(self, f"q{b}")[rows], b)                # [S, N, K]
-            w = packing.dequantize(codes, self.scale[ids], self.zero[ids])         # [S, N, K]
-            y = (w * x[:, None, :]).sum(-1)                                        # [S, N]
-            if len(set(self.expert_bits)) > 1:
-                y = torch.where((bits_of[ids] == b)[:, None], y, 0.0)
-            out = y if out is None else out + y
-        if self.cache_idx is not None:                                             # switched channels
-            xc = x.gather(1, self.cache_idx[ids])                                  # [S, r]
-            out = out + (self.cache_delta[ids].float() * xc[:, None, :]).sum(-1)
-        return out
-
-    def _grouped_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        from transformers.integrations.moe import _grouped_mm
-        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        w = self.dequantize_nk(dtype)                                              # [E, N, K]
-        order = ids.argsort()
-        counts = torch.bincount(ids, minlength=self.num_rows)
-        offs = counts.cumsum(0).to(torch.int32)
-        y = _grouped_mm(x[order].to(dtype), w.transpose(-1, -2), offs)            # [S, N] sorted by expert
-        out = torch.empty_like(y, dtype=torch.float32)
-        out[order] = y.float()
-        return out
+        """y[s] = W[ids[s]] @ x[s] for x [S, K], ids [S] -> [S, N] float32 (kernels.py).
+        Few pairs (decode): gather, unpack, dequantize and reduce per bit-width group, fused by
+        Inductor into one loop. Many pairs (prefill): dequantize each expert once, one grouped matmul."""
+        from . import kernels
+        if kernels.use_grouped(ids.shape[0], self.num_rows):
+            return kernels.grouped_linear(self, x, ids)
+        return kernels.decode_linear(self, x, ids)
 
 
 class SwitchableLinear(_PackedWeight):

@@ -1,0 +1,327 @@
+"""Issue: the fused expert kernels. One MoE layer (router + experts) at OLMoE-1B-7B shape (hidden 2048,
+expert width 1024, 64 experts, top-8) and at Qwen3-30B-A3B shape (hidden 2048, width 768, 128 experts,
+top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side by side in one
+process (interleaved, median of --runs calls, each call routing a different input). Variants: bf16
+with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on the experts where
+they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits). Plus
+end-to-end decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16.
+
+    python recipes/bench_kernels.py                       # everything (about an hour on 2 cores)
+    python recipes/bench_kernels.py --quick               # small shapes, a smoke run
+    python recipes/bench_kernels.py --shapes olmoe --threads 1 --tokens 1 --no-e2e
+
+Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are random (N(0, 0.02)):
+speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation;
+effective bits (stored bits per expert weight, scales and zeros included); bytes of expert weights
+read per token (distinct experts the routed tokens touch, averaged over the inputs); fraction of the
+memory-bound limit reached, speedup / (16 / effective bits).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+import dynamoq
+from dynamoq import DynaMoExperts
+from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {   # name: (model type, hidden, expert width, experts, top-k)
+    "olmoe": ("olmoe", 2048, 1024, 64, 8),
+    "qwen3": ("qwen3_moe", 2048, 768, 128, 8),
+    "tiny": ("olmoe", 256, 128, 16, 4),       # --quick
+}
+MIX = {2: 44, 4: 16, 6: 2, 8: 2}              # experts per width out of 64: 2.81 code bits, 3.0 stored (g128)
+PROJ = ("gate_up_proj", "down_proj")
+
+
+# ---- layers and variants --------------------------------------------------------------------------
+def moe_layer(shape: str, seed: int = 0):
+    kind, hidden, width, experts, top_k = SHAPES[shape]
+    if kind == "olmoe":
+        import transformers.models.olmoe.modeling_olmoe as m
+        cfg = AutoConfig.for_model("olmoe", hidden_size=hidden, intermediate_size=width, num_experts=experts,
+                                   num_experts_per_tok=top_k)
+        block = m.OlmoeSparseMoeBlock(cfg)
+    else:
+        import transformers.models.qwen3_moe.modeling_qwen3_moe as m
+        cfg = AutoConfig.for_model("qwen3_moe", hidden_size=hidden, moe_intermediate_size=width,
+                                   num_experts=experts, num_experts_per_tok=top_k)
+        block = m.Qwen3MoeSparseMoeBlock(cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block.to(torch.bfloat16).eval()
+
+
+def with_impl(block, impl: str):
+    """The same layer (weights shared) with another experts implementation."""
+    b = copy.copy(block)
+    b._modules = dict(block._modules)
+    e = b._modules["experts"] = copy.copy(block.experts)
+    e._parameters = dict(block.experts._parameters)
+    e.config = copy.copy(block.experts.config)
+    e.config._experts_implementation = impl
+    return b
+
+
+def mixed_bits(num_experts: int, seed: int = 0) -> list[int]:
+    bits = [b for b, n in MIX.items() for _ in range(n * num_experts // 64)]
+    bits += [2] * (num_experts - len(bits))
+    random.Random(seed).shuffle(bits)
+    return bits
+
+
+def dynamoq_layer(block, bits, group_size: int = 128):
+    b = with_impl(block, "dynamoq")
+    for name in PROJ:
+        w = block.experts._parameters[name].data
+        q = DynaMoExperts.from_float(w, bits, group_size, transposed=bool(block.experts.is_transposed))
+        b.experts._parameters[name] = torch.nn.Parameter(q, requires_grad=False)
+    return b
+
+
+def torchao_layer(block, config):
+    """torchao weight-only on the experts' 3D parameters (FqnToConfig by parameter name). Its tensors
+    implement neither bmm nor the transposes of grouped_mm, so the per-expert loop ("eager") runs them."""
+    from torchao.quantization import FqnToConfig, quantize_
+    b = with_impl(block, "eager")
+    b.experts._parameters = {k: torch.nn.Parameter(v.data.clone(), requires_grad=False)
+                             for k, v in block.experts._parameters.items()}
+    quantize_(b, FqnToConfig({f"experts.{n}": config for n in PROJ}), filter_fn=None)
+    return b
+
+
+def variants(block, which):
+    """name -> (layer, bits per expert weight of each expert, how it runs)."""
+    num_experts = block.experts.gate_up_proj.shape[0]
+    k = block.experts.gate_up_proj.shape[-1]
+    out, failed = {}, {}
+    for name in which:
+        try:
+            if name == "bf16 grouped_mm":
+                out[name] = (with_impl(block, "grouped_mm"), [16.0] * num_experts)
+            elif name == "bf16 batched_mm":
+                out[name] = (with_impl(block, "batched_mm"), [16.0] * num_experts)
+            elif name == "torchao int8":
+                from torchao.quantization import Int8WeightOnlyConfig
+                out[name] = (torchao_layer(block, Int8WeightOnlyConfig()), [8 + 16 / k] * num_experts)
+            elif name == "torchao int4":
+                from torchao.quantization import Int4WeightOnlyConfig
+                out[name] = (torchao_layer(block, Int4WeightOnlyConfig(group_size=128)), [4 + 32 / 128] * num_experts)
+            elif name.startswith("dynamoq"):
+                bits = mixed_bits(num_experts) if "mixed" in name else [int(name.split()[1][0])] * num_experts
+                out[name] = (dynamoq_layer(block, bits), [b + OVERHEAD_BITS_PER_GROUP / 128 for b in bits])
+            else:
+                raise ValueError(name)
+        except Exception as e:       # a variant that does not run here is reported, not fatal
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return out, failed
+
+
+def storage_bits(layer) -> float:
+    ws = [layer.experts._parameters[n] for n in PROJ]
+    if isinstance(ws[0], DynaMoExperts):
+        return 8 * sum(w.storage_bytes() for w in ws) / sum(w.numel() for w in ws)
+    return None
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+def inputs(block, tokens: int, pool: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = block.experts.gate_up_proj.shape[-1]
+    return [torch.randn(1, tokens, hidden, generator=g).to(torch.bfloat16) for _ in range(pool)]
+
+
+def bytes_per_token(block, xs, expert_bits) -> float:
+    """Expert weight bytes the calls read per token: each distinct routed expert once per call."""
+    per_weight = block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()
+    total = 0.0
+    with torch.no_grad():
+        for x in xs:
+            _, _, idx = block.gate(x.view(-1, x.shape[-1]))
+            total += sum(expert_bits[e] * per_weight / 8 for e in idx.unique().tolist())
+    return total / sum(x.shape[1] for x in xs)
+
+
+def compile_layer(layer, fullgraph: bool):
+    f = torch.compile(layer, fullgraph=fullgraph)
+
+    def run(x):
+        torch._dynamo.mark_dynamic(x, 1)
+        with torch.no_grad():
+            return f(x)
+    return run
+
+
+def measure(fns: dict, xs: list, runs: int) -> dict:
+    """Interleaved: every run calls each variant once on the same input; median seconds per call."""
+    times = {k: [] for k in fns}
+    for r in range(runs):
+        x = xs[r % len(xs)]
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_shape(shape, args, rows, notes):
+    block = moe_layer(shape)
+    names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
+             "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8"]
+    names = [n for n in names if not args.variants or any(v in n for v in args.variants)]
+    layers, failed = variants(block, names)
+    for name, why in failed.items():
+        notes.append(f"{shape}: {name} does not run here: {why}")
+        print(f"  {name}: does not run: {why}", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+        fns = {name: compile_layer(layer, fullgraph=not name.startswith("torchao")) for name, (layer, _) in layers.items()}
+        for tokens in args.tokens:
+            xs = inputs(block, tokens, args.pool)
+            ok = {}
+            for name, f in fns.items():           # compile (and check) before timing
+                try:
+                    t0 = time.perf_counter()
+                    f(xs[0])
+                    f(xs[1 % len(xs)])
+                    ok[name] = f
+                    print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                except Exception as e:
+                    notes.append(f"{shape}, {threads} threads, {tokens} tokens: {name} failed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:160]}")
+                    traceback.print_exc()
+            secs = measure(ok, xs, args.runs)
+            bf16 = min(v for k, v in secs.items() if k.startswith("bf16"))
+            for name, s in secs.items():
+                layer, ebits = layers[name]
+                eff = storage_bits(layer) or statistics.mean(ebits)
+                speedup = bf16 / s
+                rows.append({"shape": shape, "threads": threads, "tokens": tokens, "variant": name,
+                             "ms": 1e3 * s, "tokens_per_s": tokens / s, "speedup": speedup,
+                             "effective_bits": eff, "bytes_per_token": bytes_per_token(block, xs, ebits),
+                             "limit_fraction": speedup / (16 / eff)})
+                print(f"  {shape} {threads}t {tokens:4d} tok  {name:24s} {1e3 * s:9.2f} ms  x{speedup:5.2f}", flush=True)
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+def e2e(args, notes) -> list[dict]:
+    """Greedy decode of the real reference model, one token per step with a static cache, compiled
+    decode step; bf16 against DynaMo mixed (~3 storage bits) and uniform 4-bit experts (group 64)."""
+    import transformers
+    from dynamoq.reference import is_built, path_of
+    path = path_of("real")
+    if not is_built(path, "real"):
+        notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
+        return []
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    prompt = tok("The history of the city begins", return_tensors="pt").input_ids
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for label in ("bf16", "dynamoq mixed 2/4/6/8", "dynamoq 4-bit"):
+            torch._dynamo.reset()
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+            if label != "bf16":
+                layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
+                bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
+                dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64), progress=False)
+            tps, text = decode_speed(model, prompt, args.e2e_tokens)
+            rep = dynamoq.bits_report(model) if label != "bf16" else {"storage_bits": 16.0}
+            rows.append({"threads": threads, "variant": label, "tokens_per_s": tps,
+                         "expert_storage_bits": rep["storage_bits"], "text": text})
+            print(f"  e2e {threads}t {label:24s} {tps:8.2f} tokens/s", flush=True)
+            del model
+    return rows
+
+
+def decode_speed(model, prompt, new_tokens: int):
+    from transformers import StaticCache
+    n = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
+    step = torch.compile(model, fullgraph=True)
+    out = []
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(n)).logits
+        tok = logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(new_tokens):
+            t0 = time.perf_counter()
+            logits = step(tok, past_key_values=cache, cache_position=torch.tensor([n + i])).logits
+            tok = logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t0)
+            out.append(int(tok))
+    steady = times[min(3, len(times) - 1):]            # the first steps compile
+    return 1 / statistics.median(steady), out
+
+
+# ---- report -------------------------------------------------------------------------------------
+def table(rows, e2e_rows, notes, args) -> str:
+    lines = ["| shape | threads | tokens | variant | ms | tokens/s | speedup vs bf16 | eff. bits | "
+             "MB read / token | of memory-bound limit |", "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['threads']} | {r['tokens']} | {r['variant']} | {r['ms']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['effective_bits']:.2f} | "
+                     f"{r['bytes_per_token'] / 1e6:.2f} | {100 * r['limit_fraction']:.0f}% |")
+    if e2e_rows:
+        lines += ["", "End-to-end greedy decode, real reference model (compiled decode step, static cache):", "",
+                  "| threads | experts | expert bits | decode tokens/s | vs bf16 |", "|---|---|---|---|---|"]
+        base = {r["threads"]: r["tokens_per_s"] for r in e2e_rows if r["variant"] == "bf16"}
+        for r in e2e_rows:
+            lines.append(f"| {r['threads']} | {r['variant']} | {r['expert_storage_bits']:.2f} | "
+                         f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / base[r['threads']]:.2f}x |")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="*", default=["olmoe", "qwen3"], choices=sorted(SHAPES))
+    p.add_argument("--tokens", nargs="*", type=int, default=[1, 4, 16, 128])
+    p.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    p.add_argument("--runs", type=int, default=21, help="timed calls per variant and size (median)")
+    p.add_argument("--pool", type=int, default=8, help="distinct inputs cycled through (different routing)")
+    p.add_argument("--variants", nargs="*", help="only variants whose name contains one of these")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false")
+    p.add_argument("--e2e-tokens", type=int, default=48)
+    p.add_argument("--quick", action="store_true", help="tiny shape, 1 thread, few runs, no end-to-end")
+    p.add_argument("--name", default="kernels_cpu")
+    args = p.parse_args()
+    if args.quick:
+        args.shapes, args.threads, args.tokens, args.runs, args.e2e = ["tiny"], [1], [1, 16], 5, False
+    # decode sizes share one graph: a dynamic token count whose size 1 is not specialized
+    torch.fx.experimental._config.backed_size_oblivious = True
+    rows, notes = [], []
+    for shape in args.shapes:
+        print(f"== {shape}", flush=True)
+        run_shape(shape, args, rows, notes)
+    e2e_rows = e2e(args, notes) if args.e2e else []
+    command = "python recipes/bench_kernels.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine, "rows": rows,
+              "e2e": e2e_rows, "notes": notes, "mixed_bits_per_64_experts": MIX}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: `{command}` ({machine}, "
+          f"{result['date']}; wall-clock medians of {args.runs} interleaved calls)\n\n" + table(rows, e2e_rows, notes, args) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
