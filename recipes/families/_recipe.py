@@ -55,10 +55,10 @@ class Recipe:
                             lam=self.lam, cache_fraction=s["cache_fraction"])
 
 
-def parser(recipe: Recipe) -> argparse.ArgumentParser:
+def parser(recipe: Recipe, doc: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"dynamoq recipe for {recipe.family} ({', '.join(recipe.checkpoints)}).",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="checkpoint folder or hub id")
     p.add_argument("--out", required=True, help="where to save the quantized checkpoint")
     p.add_argument("--data", nargs="+", default=list(DEFAULT_DATA),
@@ -160,22 +160,25 @@ def summary(report: dict) -> list[str]:
         if bits is None:
             continue
         counts = collections.Counter(bits)
-        lines.append(f"  layer {layer:>3}: " + ", ".join(f"{counts[b]} x {b}-bit" for b in sorted(counts, reverse=True)))
+        per = ", ".join(f"{counts[b]} x {b}-bit" for b in sorted(counts, reverse=True))
+        lines.append(f"  layer {layer:>3}: {per}")
     lines.append(f"storage bits per expert weight: {report['storage_bits']:.3f}"
                  + (f", usage-weighted: {report['usage_bits']:.3f}" if report["usage_bits"] else ""))
     lines.append(f"expert bytes: {report['bytes']:,} (+ switching cache {report['cache_bytes']:,})")
     if report["other"]:
         kinds = collections.Counter(v["bits"] if isinstance(v["bits"], int) else max(v["bits"])
                                     for v in report["other"].values())
-        lines.append(f"other quantized weights: {len(report['other'])} ("
-                     + ", ".join(f"{n} at {b}-bit" for b, n in sorted(kinds.items())) + f"), {report['other_bytes']:,} bytes")
+        per = ", ".join(f"{n} at {b}-bit" for b, n in sorted(kinds.items()))
+        lines.append(f"other quantized weights (shared experts, dense layers): {len(report['other'])} ({per}), "
+                     f"{report['other_bytes']:,} bytes")
     return lines
 
 
-def run(recipe: Recipe, argv=None) -> dict:
-    """Everything the command line does; returns {"model", "report", "config", "settings", "out", "ppl"}."""
+def run(recipe: Recipe, argv=None, doc: str | None = None) -> dict:
+    """Everything the command line does (doc: the family's notes, for --help); returns
+    {"model", "report", "config", "settings", "out", "ppl"}."""
     import dynamoq
-    args = parser(recipe).parse_args(argv)
+    args = parser(recipe, doc).parse_args(argv)
     fast = FAST if args.fast else {}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else fast.get(k, getattr(recipe, k))  # noqa: E731
     if args.threads:

@@ -20,8 +20,8 @@ Settings and why:
   of 671B weights (0.2%): quantizing them saves little and they feed every later layer.
 - target_bits 3.0 with GPTQ for the routed experts: 256 fine-grained experts give the allocation
   the most room of any family here. The router's correction bias and MLA stay untouched.
-- --device-map auto spreads a model that does not fit one device; dynamoq.analyze runs on
-  offloaded models.
+- size: V3/R1 hold 671B parameters (about 1.3 TB in 16 bit) and need a multi-GPU node
+  (--device-map auto spreads them over its GPUs); Moonlight (16B) fits one large GPU or CPU memory.
 """
 from _recipe import Recipe, run
 
@@ -37,7 +37,7 @@ RECIPE = Recipe(
 
 
 def main(argv=None):
-    return run(RECIPE, argv)
+    return run(RECIPE, argv, __doc__)
 
 
 if __name__ == "__main__":

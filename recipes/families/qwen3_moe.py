@@ -27,7 +27,7 @@ RECIPE = Recipe(
 
 
 def main(argv=None):
-    return run(RECIPE, argv)
+    return run(RECIPE, argv, __doc__)
 
 
 if __name__ == "__main__":
