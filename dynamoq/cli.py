@@ -204,6 +204,24 @@ def _check_reference_group_size(group_size: int) -> None:
                          f"dimension {bad[0]}; use one of {ok} (or --builtin)")
 
 
+def _probe_tokens(model, model_dir: str | None) -> tuple[torch.Tensor, str]:
+    """[2, 64] token ids on which the output error is measured: the starts of two built-in test texts
+    (drama, python) when the model comes with a tokenizer and the corpus is built, else seeded random ids."""
+    try:
+        from transformers import AutoTokenizer
+        from . import data
+        if model_dir is None or not all((data.cache_dir() / f"{d}.json").exists() for d in ("drama", "python")):
+            raise FileNotFoundError("no tokenizer or no built corpus")      # never build a corpus for a probe
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids = [tok(data.load(d, "test")[0][:2000]).input_ids[:64] for d in ("drama", "python")]
+        if min(map(len, ids)) == 64:
+            return torch.tensor(ids), "the first 64 tokens of a drama and a python test text"
+    except Exception:            # no tokenizer, no corpus: random ids still measure the error
+        pass
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0)), "2 x 32 random token ids"
+
+
 def cmd_quantize(args) -> int:
     import transformers
     import dynamoq
@@ -226,14 +244,13 @@ def cmd_quantize(args) -> int:
         model, name, _ = _default_model()
     timings["load"] = time.perf_counter() - t_load
     dynamoq.quantize.plan(model, dynamoq.DynaMoConfig(bits=4, group_size=args.group_size))  # group size, MoE found
-    tokens = torch.randint(0, model.config.get_text_config().vocab_size, (2, 32),
-                           generator=torch.Generator().manual_seed(0))
+    analysis, tokenizer, analysis_path, model_dir = None, None, None, _model_dir(model, args.model)
+    tokens, probe = _probe_tokens(model, model_dir)
     with torch.no_grad():
         ref = model(tokens).logits
     fp_bytes = sum(p.numel() * p.element_size() for b in dynamoq.moe_blocks(model) for p in b.experts.parameters())
 
     # calibration: an analysis from disk, or one made now from --data
-    analysis, tokenizer, analysis_path, model_dir = None, None, None, _model_dir(model, args.model)
     if args.data or args.eval:
         tokenizer = _tokenizer(args, model_dir)
     if args.analysis:
@@ -286,6 +303,7 @@ def cmd_quantize(args) -> int:
         "expert_bytes_fp": fp_bytes,
         "relative_logit_error": ((out - ref).norm() / ref.norm()).item(),
         "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        "probe": probe,
         "seconds": seconds,
     }
     if eval_texts:
@@ -340,7 +358,7 @@ def cmd_quantize(args) -> int:
     if report["cache_bytes"]:
         print(f"switching cache: {report['cache_bytes']:,} bytes ({report['cache_bits']:.3f} bits per expert weight)")
     print(f"output: relative logit error {result['relative_logit_error']:.4f}, "
-          f"top-1 agreement {100 * result['top1_agreement']:.1f}%  ({seconds:.2f} s to quantize)")
+          f"top-1 agreement {100 * result['top1_agreement']:.1f}% on {probe}  ({seconds:.2f} s to quantize)")
     for label, (res, _) in evals.items():
         print("\n".join(_print_perplexity(label, res)))
     if args.out:
@@ -645,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize an MoE: uniform, a mixed 8/4/3/2 demo pattern (default, no data), or "
                                    "DynaMo's per-expert bits from an analysis (--data or --analysis).")
     q.add_argument("model", nargs="?", help="path of a transformers MoE checkpoint (default: the real reference "
-                   "model, dynamoq.models.reference('real'), built into the cache on first use: about 10-15 minutes "
+                   "model, dynamoq.models.reference('real'), built into the cache on first use: about 15-25 minutes "
                    "with 2 threads, once)")
     q.add_argument("--builtin", action="store_true", help="quantize the small built-in MoE with random weights "
                    "instead (seconds; for a quick look at the plumbing)")

