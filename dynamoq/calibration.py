@@ -6,7 +6,10 @@ For each MoE layer and each projection p (0: gate_up / up, 1: down) with K_p inp
   x2     [E, K_p]   sum of squared inputs of the tokens routed to each expert
   wx2    [E, K_p]   the same, each token weighted by its routing weight
   all_x2 [E, K_p]   with balanced=True: every token through every expert (for experts short of tokens)
-  hessian[E, K_p, K_p]  on demand (GPTQ), float64, X^T X of the routed tokens
+  hessian[E, K_p, K_p]  on demand (GPTQ), float64 sums of per-batch float32 X^T X of the routed tokens
+With keep_inputs=True the hook also keeps the experts' inputs of the current pass, so that GPTQ can
+form the expert-balanced Hessian (every token through the expert) of just the experts short of
+routed tokens, instead of every expert's.
 For the nn.Linear layers of shared experts and dense MLPs the same sums are kept as a one-expert
 LayerStats (count [1], x2 [1, K], hessian [1, K, K] on demand), keyed by the Linear's name.
 Everything is a sum in float64, so shards from several processes add up to the one-process result.
@@ -73,10 +76,18 @@ def expert_inputs(experts, e: int, x: torch.Tensor) -> list[torch.Tensor]:
     return [x, h]
 
 
+def _gram(t: torch.Tensor) -> torch.Tensor:
+    """t [T, K] -> t^T t [K, K] in float64: one batch's product in float32 (half the time of float64;
+    the batch sums stay in float64)."""
+    t = t.float()
+    return (t.t() @ t).double()
+
+
 class _BlockHook:
-    def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool):
-        self.block, self.balanced, self.hessian = block, balanced, hessian
+    def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool, keep_inputs: bool = False):
+        self.block, self.balanced, self.hessian, self.keep_inputs = block, balanced, hessian, keep_inputs
         self.stats: LayerStats | None = None
+        self.inputs: list[torch.Tensor] = []      # with keep_inputs: the experts' inputs [T, H] of each call
         self.thread = threading.get_ident()   # forwards served meanwhile by other threads do not count
 
     def _init(self, dims: list[int], device):
@@ -95,6 +106,8 @@ class _BlockHook:
         x, idx, w = _routing_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
         idx, w = idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1).float()
+        if self.keep_inputs:
+            self.inputs.append(x.detach().clone())
         with align_module_device(module, x.device):
             hit = torch.unique(idx).tolist()
             for e in range(self.block.num_experts):
@@ -117,14 +130,26 @@ class _BlockHook:
                     s.x2[p][e] += t2.sum(0)
                     s.wx2[p][e] += (we[:, None] * t2).sum(0)
                     if self.hessian:
-                        s.hessian[p][e] += t.double().t() @ t.double()
+                        s.hessian[p][e] += _gram(t)
                 if self.balanced:
                     for p, t in enumerate(inputs):
                         s.all_x2[p][e] += t.double().pow(2).sum(0)
                         if self.hessian:
-                            s.all_hessian[p][e] += t.double().t() @ t.double()
+                            s.all_hessian[p][e] += _gram(t)
             if self.balanced:
                 self.stats.all_count += x.shape[0]
+
+    @torch.no_grad()
+    def balanced_hessian(self, p: int, e: int) -> torch.Tensor:
+        """[K_p, K_p] float64: X^T X of every kept token through expert e's projection p."""
+        if not self.inputs:
+            raise RuntimeError("balanced_hessian needs a pass collected with keep_inputs=True")
+        module, h = self.block.experts, None
+        for x in self.inputs:
+            with align_module_device(module, x.device):
+                g = _gram(expert_inputs(module, e, x)[p])
+            h = g if h is None else h + g
+        return h
 
 
 class _LinearHook:
@@ -177,7 +202,7 @@ def collecting_linears(linears: dict, hessian: bool = False):
 
 
 @contextlib.contextmanager
-def collecting(model, blocks=None, balanced=False, hessian=False):
+def collecting(model, blocks=None, balanced=False, hessian=False, keep_inputs=False):
     """Within the block, every forward adds to the statistics of each MoE block: yields
     {layer: hook} whose `.stats` hold the sums."""
     blocks = blocks if blocks is not None else adapters.moe_blocks(model)
@@ -186,7 +211,7 @@ def collecting(model, blocks=None, balanced=False, hessian=False):
         if not b.adapter.fused:
             raise NotImplementedError(f"calibration of {type(b.experts).__name__} (a list of expert modules) "
                                       "is not supported yet; quantize it data-free (bits=/expert_bits=)")
-        hooks[b.layer] = _BlockHook(b, balanced, hessian)
+        hooks[b.layer] = _BlockHook(b, balanced, hessian, keep_inputs)
         handles.append(b.experts.register_forward_pre_hook(hooks[b.layer], with_kwargs=True))
     try:
         yield hooks

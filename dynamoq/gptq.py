@@ -142,7 +142,8 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                         and block.adapter.calibration is None]
         linear_targets = [t for t in todo if isinstance(t.owner, torch.nn.Linear)]
         if gptq_targets or linear_targets:
-            with collecting(model, blocks=[block] if gptq_targets else [], balanced=balanced, hessian=True) as hooks, \
+            # routed Hessians for every expert; the balanced one (every token) only for experts short of tokens
+            with collecting(model, blocks=[block] if gptq_targets else [], hessian=True, keep_inputs=balanced) as hooks, \
                     collecting_linears({t.fqn: t.owner for t in linear_targets}, hessian=True) as lin:
                 _run(layers[i], inputs)
             for t in linear_targets:
@@ -155,7 +156,8 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                                              group_size, damp, act_order)
                 t.apply(group_size, codes=(codes[None], scale[None], zero[None]))
         if gptq_targets:
-            stats = hooks[block.layer].stats
+            hook = hooks[block.layer]
+            stats = hook.stats
             names = [p.name for p in block.projections]
             for t in gptq_targets:
                 p = names.index(t.name)
@@ -168,8 +170,8 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                 for e in range(e_n):
                     if stats.count[e] >= MIN_TOKENS:
                         hess = stats.hessian[p][e]
-                    elif stats.all_hessian is not None:
-                        hess = stats.all_hessian[p][e]
+                    elif balanced:
+                        hess = hook.balanced_hessian(p, e)
                         report["balanced_hessian"].append(f"{t.fqn}[{e}]")
                     else:
                         from .packing import quantize_rtn
@@ -180,7 +182,7 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                     if d != damp:
                         report["damping"][f"{t.fqn}[{e}]"] = d
                 t.apply(group_size, codes=(codes, scale, zero))
-            del stats, hooks
+            del stats, hook, hooks
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:
                 t.apply(group_size)

@@ -132,3 +132,38 @@ def test_gptq_serves_shared_experts_and_dense_layers():
     assert not torch.equal(w.dequantize(), rtn)          # GPTQ moved it off the round-to-nearest grid point
     assert m.model.layers[1].mlp.shared_experts.up_proj.weight.bits == 3
     assert all(e < 1.0 for e in experts_errors(m, calls))
+
+
+def test_experts_short_of_tokens_get_the_balanced_hessian_or_rtn(monkeypatch):
+    """Every expert made 'short' (MIN_TOKENS above the token count): with balanced=True each is solved
+    with X^T X of every token through it, computed only for those experts from the kept inputs (equal
+    to the all-token sums of a balanced pass); with balanced=False each falls back to round-to-nearest."""
+    from dynamoq import gptq as gq
+    from dynamoq.calibration import collecting
+    from dynamoq.quantize import DynaMoConfig as Cfg, plan
+
+    m = build("qwen3_moe")
+    w = torch.randint(0, m.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    block = dynamoq.moe_blocks(m)[0]
+    with collecting(m, blocks=[block], balanced=True, hessian=True, keep_inputs=True) as hooks:
+        m(w)
+    hook = hooks[block.layer]
+    for p in range(2):
+        for e in (0, block.num_experts - 1):
+            torch.testing.assert_close(hook.balanced_hessian(p, e), hook.stats.all_hessian[p][e], rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(gq, "MIN_TOKENS", 10 ** 9)
+    reports = {}
+    for balanced in (True, False):
+        q = build("qwen3_moe")
+        reports[balanced] = gq.quantize_model(q, plan(q, Cfg(bits=3, group_size=32)), [w], 32, balanced=balanced,
+                                              progress=False)
+        if balanced:
+            first = dynamoq.moe_blocks(q)[0].experts.gate_up_proj
+    n_experts = sum(b.num_experts * len(b.projections) for b in dynamoq.moe_blocks(m))
+    assert len(reports[True]["balanced_hessian"]) == n_experts and not reports[True]["fallback_rtn"]
+    assert len(reports[False]["fallback_rtn"]) == n_experts and not reports[False]["balanced_hessian"]
+    # expert 0 of layer 0 solved on the balanced Hessian of layer 0's inputs (the model is unchanged before it)
+    h = hook.stats.all_hessian[0][0]
+    codes, scale, zero, _ = gptq(block.experts.gate_up_proj[0].detach().float(), h, 3, 32)
+    assert torch.equal(first.codes()[0], codes)
