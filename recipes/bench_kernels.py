@@ -11,7 +11,7 @@ end-to-end decode of the real reference model (dynamoq.models.reference("real"))
     python recipes/bench_kernels.py --shapes olmoe --threads 1 --tokens 1 --no-e2e
 
 Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are random (N(0, 0.02)):
-speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation;
+speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation (torchao rows: over bf16 timed beside them, after a dynamo reset);
 effective bits (stored bits per expert weight, scales and zeros included); bytes of expert weights
 read per token (distinct experts the routed tokens touch, averaged over the inputs); fraction of the
 memory-bound limit reached, speedup / (16 / effective bits).
@@ -187,35 +187,53 @@ def run_shape(shape, args, rows, notes):
     for name, why in failed.items():
         notes.append(f"{shape}: {name} does not run here: {why}")
         print(f"  {name}: does not run: {why}", flush=True)
+    # torchao's layers run in a phase of their own, after a dynamo reset, with the bf16 layers again as their
+    # reference: a backend failure on a torchao frame makes dynamo run that (shared) forward code eagerly
+    # from then on, which would silently turn every later variant eager too.
+    phases = [[n for n in layers if not n.startswith("torchao")],
+              [n for n in layers if n.startswith("bf16") or n.startswith("torchao")]]
+    # every variant is the same module class: one forward code object, a cache entry per variant and per
+    # decode / prefill graph; dynamo's default limit (8) is below that
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        torch._dynamo.reset()
-        fns = {name: compile_layer(layer, fullgraph=not name.startswith("torchao")) for name, (layer, _) in layers.items()}
-        for tokens in args.tokens:
-            xs = inputs(block, tokens, args.pool)
-            ok = {}
-            for name, f in fns.items():           # compile (and check) before timing
-                try:
-                    t0 = time.perf_counter()
-                    f(xs[0])
-                    f(xs[1 % len(xs)])
-                    ok[name] = f
-                    print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                except Exception as e:
-                    notes.append(f"{shape}, {threads} threads, {tokens} tokens: {name} failed: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:160]}")
-                    traceback.print_exc()
-            secs = measure(ok, xs, args.runs)
-            bf16 = min(v for k, v in secs.items() if k.startswith("bf16"))
-            for name, s in secs.items():
-                layer, ebits = layers[name]
-                eff = storage_bits(layer) or statistics.mean(ebits)
-                speedup = bf16 / s
-                rows.append({"shape": shape, "threads": threads, "tokens": tokens, "variant": name,
-                             "ms": 1e3 * s, "tokens_per_s": tokens / s, "speedup": speedup,
-                             "effective_bits": eff, "bytes_per_token": bytes_per_token(block, xs, ebits),
-                             "limit_fraction": speedup / (16 / eff)})
-                print(f"  {shape} {threads}t {tokens:4d} tok  {name:24s} {1e3 * s:9.2f} ms  x{speedup:5.2f}", flush=True)
+        for phase in phases:
+            if not any(n.startswith("torchao") for n in phase) and phase is phases[1]:
+                continue
+            torch._dynamo.reset()
+            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao")) for n in phase}
+            for tokens in args.tokens:
+                _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes,
+                               report_bf16=phase is phases[0])
+
+
+def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes, report_bf16):
+    xs = inputs(block, tokens, args.pool)
+    ok = {}
+    for name, f in fns.items():           # compile (and check) before timing
+        try:
+            t0 = time.perf_counter()
+            f(xs[0])
+            f(xs[1 % len(xs)])
+            ok[name] = f
+            print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        except Exception as e:
+            notes.append(f"{shape}, {threads} threads, {tokens} tokens: {name} failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}")
+            traceback.print_exc()
+    secs = measure(ok, xs, args.runs)
+    bf16 = min(v for k, v in secs.items() if k.startswith("bf16"))
+    for name, s in secs.items():
+        if name.startswith("bf16") and not report_bf16:
+            continue
+        layer, ebits = layers[name]
+        eff = storage_bits(layer) or statistics.mean(ebits)
+        speedup = bf16 / s
+        rows.append({"shape": shape, "threads": threads, "tokens": tokens, "variant": name,
+                     "ms": 1e3 * s, "tokens_per_s": tokens / s, "speedup": speedup,
+                     "effective_bits": eff, "bytes_per_token": bytes_per_token(block, xs, ebits),
+                     "limit_fraction": speedup / (16 / eff)})
+        print(f"  {shape} {threads}t {tokens:4d} tok  {name:24s} {1e3 * s:9.2f} ms  x{speedup:5.2f}", flush=True)
 
 
 # ---- end to end ---------------------------------------------------------------------------------

