@@ -178,7 +178,7 @@ def measure(fns: dict, xs: list, runs: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_shape(shape, args, rows, notes):
+def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     block = moe_layer(shape)
     names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
              "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8"]
@@ -205,6 +205,7 @@ def run_shape(shape, args, rows, notes):
             for tokens in args.tokens:
                 _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes,
                                report_bf16=phase is phases[0])
+                on_rows()
 
 
 def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes, report_bf16):
@@ -324,22 +325,29 @@ def main():
         args.shapes, args.threads, args.tokens, args.runs, args.e2e = ["tiny"], [1], [1, 16], 5, False
     # decode sizes share one graph: a dynamic token count whose size 1 is not specialized
     torch.fx.experimental._config.backed_size_oblivious = True
-    rows, notes = [], []
-    for shape in args.shapes:
-        print(f"== {shape}", flush=True)
-        run_shape(shape, args, rows, notes)
-    e2e_rows = e2e(args, notes) if args.e2e else []
+    rows, notes, e2e_rows = [], [], []
     command = "python recipes/bench_kernels.py " + " ".join(sys.argv[1:])
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
-    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine, "rows": rows,
-              "e2e": e2e_rows, "notes": notes, "mixed_bits_per_64_experts": MIX}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: `{command}` ({machine}, "
-          f"{result['date']}; wall-clock medians of {args.runs} interleaved calls)\n\n" + table(rows, e2e_rows, notes, args) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(md)
-    print(md)
 
+    def write(done: bool) -> None:
+        """Results so far (after every measured size, so a run killed midway leaves what it measured)."""
+        result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine, "complete": done,
+                  "rows": rows, "e2e": e2e_rows, "notes": notes, "mixed_bits_per_64_experts": MIX}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: `{command}` ({machine}, "
+              f"{result['date']}; wall-clock medians of {args.runs} interleaved calls)"
+              f"{'' if done else ' - INCOMPLETE: the run stopped before its end'}\n\n"
+              + table(rows, e2e_rows, notes, args) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(md)
+        if done:
+            print(md)
+
+    for shape in args.shapes:
+        print(f"== {shape}", flush=True)
+        run_shape(shape, args, rows, notes, on_rows=lambda: write(False))
+    e2e_rows += e2e(args, notes) if args.e2e else []
+    write(True)
 
 if __name__ == "__main__":
     main()
