@@ -49,6 +49,39 @@ def main():
     if args.rows:
         rows = {k: v for k, v in rows.items() if k == "FP" or any(r.lower() in k.lower() for r in args.rows)}
     results = {}
+
+    def finish(complete: bool) -> None:
+        """Tables and files from the rows measured so far (after every row: a stopped run keeps them)."""
+        fp_ppl = {d: r["ppl"] for d, r in results["FP"]["domains"].items()}
+        g3 = results.get("GPTQ 3-bit")
+        for name, r in results.items():
+            if g3 and name != "FP":
+                r["recovery_vs_gptq3"] = {d: (g3["domains"][d]["ppl"] - r["domains"][d]["ppl"]) /
+                                          max(g3["domains"][d]["ppl"] - fp_ppl[d], 1e-9) for d in domains}
+        lines = ["| row | bits (storage / usage) | quantize s | zero-shot | " + " | ".join(domains) + " |",
+                 "|---|---|---|---|" + "---|" * len(domains)]
+        for name, r in results.items():
+            bits = "16" if r["storage_bits"] is None else f"{r['storage_bits']:.3f} / {r['usage_bits'] or 0:.3f}"
+            cells = []
+            for d in domains:
+                c = fmt_ppl(r["domains"][d])
+                if "kl" in r["domains"][d]:
+                    c += f" KL {r['domains'][d]['kl']:.3f}"
+                if "recovery_vs_gptq3" in r:
+                    c += f" ({100 * r['recovery_vs_gptq3'][d]:.0f}%)"
+                cells.append(c)
+            lines.append(f"| {name} | {bits} | {r['quantize_seconds']:.0f} | {r['zero_shot']:.2f} | " + " | ".join(cells) + " |")
+        table = "\n".join(lines) + (
+            f"\n\nPerplexity on each domain's test split ({args.eval_tokens} tokens, windows of {args.seq_len}), 95% "
+            f"bootstrap interval; KL to FP in nats/token; (x%) = share of uniform GPTQ 3-bit's perplexity loss "
+            f"recovered. Calibration domains: {', '.join(CALIB)} ({args.calib_tokens} tokens each; analysis "
+            f"{analysis_seconds:.0f} s); held out: {', '.join(held_out)}. Group size {g}; storage bits count codes, "
+            f"float16 scales and uint8 zeros. Zero-shot: true continuation among 4 (100 items from all test splits).")
+        write(args.name or "baseline", {"args": vars(args), "complete": complete, "analysis_seconds": analysis_seconds,
+                                        "calibration": CALIB, "held_out": held_out, "rows": results}, table)
+
+
+
     for name, cfg in rows.items():
         model = fresh(path)
         seconds, rep = 0.0, None
@@ -62,33 +95,9 @@ def main():
                          "storage_bits": rep and rep["storage_bits"], "usage_bits": rep and rep["usage_bits"],
                          "experts": rep and rep["experts"]}
         print(name, {d: round(r["ppl"], 3) for d, r in results[name]["domains"].items()}, flush=True)
-    fp_ppl = {d: r["ppl"] for d, r in results["FP"]["domains"].items()}
-    g3 = results.get("GPTQ 3-bit")
-    for name, r in results.items():
-        if g3 and name != "FP":
-            r["recovery_vs_gptq3"] = {d: (g3["domains"][d]["ppl"] - r["domains"][d]["ppl"]) /
-                                      max(g3["domains"][d]["ppl"] - fp_ppl[d], 1e-9) for d in domains}
-    lines = ["| row | bits (storage / usage) | quantize s | zero-shot | " + " | ".join(domains) + " |",
-             "|---|---|---|---|" + "---|" * len(domains)]
-    for name, r in results.items():
-        bits = "16" if r["storage_bits"] is None else f"{r['storage_bits']:.3f} / {r['usage_bits'] or 0:.3f}"
-        cells = []
-        for d in domains:
-            c = fmt_ppl(r["domains"][d])
-            if "kl" in r["domains"][d]:
-                c += f" KL {r['domains'][d]['kl']:.3f}"
-            if "recovery_vs_gptq3" in r:
-                c += f" ({100 * r['recovery_vs_gptq3'][d]:.0f}%)"
-            cells.append(c)
-        lines.append(f"| {name} | {bits} | {r['quantize_seconds']:.0f} | {r['zero_shot']:.2f} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + (
-        f"\n\nPerplexity on each domain's test split ({args.eval_tokens} tokens, windows of {args.seq_len}), 95% "
-        f"bootstrap interval; KL to FP in nats/token; (x%) = share of uniform GPTQ 3-bit's perplexity loss "
-        f"recovered. Calibration domains: {', '.join(CALIB)} ({args.calib_tokens} tokens each; analysis "
-        f"{analysis_seconds:.0f} s); held out: {', '.join(held_out)}. Group size {g}; storage bits count codes, "
-        f"float16 scales and uint8 zeros. Zero-shot: true continuation among 4 (100 items from all test splits).")
-    write(args.name or "baseline", {"args": vars(args), "analysis_seconds": analysis_seconds,
-                                    "calibration": CALIB, "held_out": held_out, "rows": results}, table)
+        if "FP" in results:
+            finish(False)
+    finish(True)
 
 
 if __name__ == "__main__":
