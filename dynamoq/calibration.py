@@ -37,11 +37,10 @@ class LayerStats:
     all_x2: list[torch.Tensor] | None = None
     all_count: torch.Tensor | None = None
     hessian: list[torch.Tensor] | None = None
-    all_hessian: list[torch.Tensor] | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"count": self.count, "weight": self.weight}
-        for name in ("x2", "wx2", "all_x2", "hessian", "all_hessian"):
+        for name in ("x2", "wx2", "all_x2", "hessian"):
             for p, t in enumerate(getattr(self, name) or []):
                 out[f"{name}.{p}"] = t
         if self.all_count is not None:
@@ -54,7 +53,7 @@ class LayerStats:
             ps = sorted(int(k.split(".")[1]) for k in t if k.startswith(name + "."))
             return [t[f"{name}.{p}"] for p in ps] or None
         return cls(t["count"], t["weight"], lst("x2"), lst("wx2"), lst("all_x2"), t.get("all_count"),
-                   lst("hessian"), lst("all_hessian"))
+                   lst("hessian"))
 
 
 def _routing_args(args, kwargs):
@@ -96,8 +95,7 @@ class _BlockHook:
         self.stats = LayerStats(z(e), z(e), [z(e, k) for k in dims], [z(e, k) for k in dims],
                                 [z(e, k) for k in dims] if self.balanced else None,
                                 z(()) if self.balanced else None,
-                                [z(e, k, k) for k in dims] if self.hessian else None,
-                                [z(e, k, k) for k in dims] if self.hessian and self.balanced else None)
+                                [z(e, k, k) for k in dims] if self.hessian else None)
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
@@ -134,8 +132,6 @@ class _BlockHook:
                 if self.balanced:
                     for p, t in enumerate(inputs):
                         s.all_x2[p][e] += t.double().pow(2).sum(0)
-                        if self.hessian:
-                            s.all_hessian[p][e] += _gram(t)
             if self.balanced:
                 self.stats.all_count += x.shape[0]
 

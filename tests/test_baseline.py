@@ -145,12 +145,16 @@ def test_experts_short_of_tokens_get_the_balanced_hessian_or_rtn(monkeypatch):
     m = build("qwen3_moe")
     w = torch.randint(0, m.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     block = dynamoq.moe_blocks(m)[0]
-    with collecting(m, blocks=[block], balanced=True, hessian=True, keep_inputs=True) as hooks:
+    with collecting(m, blocks=[block], hessian=True, keep_inputs=True) as hooks:
         m(w)
     hook = hooks[block.layer]
-    for p in range(2):
-        for e in (0, block.num_experts - 1):
-            torch.testing.assert_close(hook.balanced_hessian(p, e), hook.stats.all_hessian[p][e], rtol=1e-5, atol=1e-6)
+    x = torch.cat(hook.inputs).double()                                  # every token of layer 0, [T, H]
+    ex = block.experts
+    for e in (0, block.num_experts - 1):
+        h = torch.nn.functional.silu(x @ ex.gate_up_proj[e].double().t().chunk(2, -1)[0]) * \
+            (x @ ex.gate_up_proj[e].double().t().chunk(2, -1)[1])
+        torch.testing.assert_close(hook.balanced_hessian(0, e), x.t() @ x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hook.balanced_hessian(1, e), h.t() @ h, rtol=1e-4, atol=1e-5)
 
     monkeypatch.setattr(gq, "MIN_TOKENS", 10 ** 9)
     reports = {}
@@ -164,6 +168,6 @@ def test_experts_short_of_tokens_get_the_balanced_hessian_or_rtn(monkeypatch):
     assert len(reports[True]["balanced_hessian"]) == n_experts and not reports[True]["fallback_rtn"]
     assert len(reports[False]["fallback_rtn"]) == n_experts and not reports[False]["balanced_hessian"]
     # expert 0 of layer 0 solved on the balanced Hessian of layer 0's inputs (the model is unchanged before it)
-    h = hook.stats.all_hessian[0][0]
+    h = hook.balanced_hessian(0, 0)
     codes, scale, zero, _ = gptq(block.experts.gate_up_proj[0].detach().float(), h, 3, 32)
     assert torch.equal(first.codes()[0], codes)
