@@ -67,8 +67,8 @@ from .tensors import SwitchableLinear, _PackedWeight
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "dynamoq"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2          # 2: packing.py's chunked byte layout (1 packed consecutive codes per byte)
+SUPPORTED_FORMAT_VERSIONS = (2,)
 MANIFEST_NAME = "dynamoq.json"
 CONFIG_NAME = "config.json"
 INSTALL_HINT = ("this checkpoint holds dynamoq-quantized weights: install dynamoq (`pip install dynamoq`) "
@@ -395,15 +395,22 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
     }
 
 
+def _check_version(v: Any, where) -> None:
+    if v in SUPPORTED_FORMAT_VERSIONS and not isinstance(v, bool):
+        return
+    if isinstance(v, int) and not isinstance(v, bool) and 0 < v < FORMAT_VERSION:
+        raise CheckpointError(f"{where}: written by an older dynamoq (format {v}) whose packed bit layout this "
+                              f"dynamoq ({_version()}) does not read; quantize the original model again")
+    raise CheckpointError(f"{where}: unknown dynamoq format version {v!r}; this dynamoq ({_version()}) reads "
+                          f"format {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer dynamoq may read it)")
+
+
 def check_format(qc: Any, where: str) -> None:
     if not isinstance(qc, dict):
         raise CheckpointError(f"{where}: quantization_config is not a JSON object")
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{where}: quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}")
-    v = qc.get("format_version")
-    if v not in SUPPORTED_FORMAT_VERSIONS or isinstance(v, bool):
-        raise CheckpointError(f"{where}: unknown dynamoq format version {v!r}; this dynamoq ({_version()}) reads "
-                              f"format {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer dynamoq may read it)")
+    _check_version(qc.get("format_version"), where)
     if not isinstance(qc.get("modules"), dict):
         raise CheckpointError(f"{where}: quantization_config has no 'modules' table")
 
@@ -484,10 +491,7 @@ def read_manifest(directory: str, path: str | None = None) -> dict:
         raise CheckpointError(f"{path} is damaged: not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != QUANT_METHOD:
         raise CheckpointError(f"{path} is damaged or not a dynamoq manifest")
-    v = m.get("format_version")
-    if v not in SUPPORTED_FORMAT_VERSIONS or isinstance(v, bool):
-        raise CheckpointError(f"{path}: unknown dynamoq format version {v!r}; this dynamoq ({_version()}) reads "
-                              f"format {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (a newer dynamoq may read it)")
+    _check_version(m.get("format_version"), path)
     body = {k: x for k, x in m.items() if k != "sha256"}
     try:
         canonical = _canonical(m)

@@ -15,10 +15,10 @@ grouped_linear (many pairs, prefill): dequantize each expert once and run one gr
 
 Layout of one step of decode_linear (one group of g inputs of one pair and one output row), for a
 bit-plane of width w (packing.PLANES: c = 8 / w codes per byte, bit offset `off` inside the code):
-  the plane holds g * w / 8 bytes per group, read as H chunks of L lanes (L = 16 where possible);
-  byte (h, l) holds the codes of inputs c * (h * L + l) + p, p = 0..c-1, at bits w * p; so the term
-  (h, p) is (byte & (mask << w * p)) * x[c * (h * L + l) + p] * 2**(off - w * p) summed over l, and
-  x is rearranged (and scaled by those powers of two, exactly) once per call to [S, G, H, c, L].
+  the plane holds g * w / 8 bytes per group, H chunks of L = packing.lanes(g) bytes; byte (h, l)
+  holds the codes of inputs h * c * L + p * L + l, p = 0..c-1, at bits w * p; so the term (h, p) is
+  (byte & (mask << w * p)) * x[h * c * L + p * L + l] * 2**(off - w * p) summed over l, and x is
+  viewed (and scaled by those powers of two, exactly) once per call as [S, G, H, c, L].
   The zero point enters once per group: sum_k (q_k - z) x_k = sum_k q_k x_k - z * sum_k x_k.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ from . import packing
 from .tensors import DynaMoExperts
 
 NAME = "dynamoq"
-LANES = 16                 # vector lanes of one step (fp32: one AVX-512 register, a Triton block)
 aten = torch.ops.aten
 
 
@@ -44,21 +43,12 @@ def _own_buffer(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape, t.stride())
 
 
-def _lanes(widths, group_size: int) -> int:
-    """Lanes per step: every plane of every width must fill whole chunks of them within a group."""
-    narrowest = min(w for b in widths for _, w in packing.PLANES[b])
-    bytes_per_group = group_size * narrowest // 8
-    lanes = LANES
-    while bytes_per_group % lanes:
-        lanes //= 2
-    return lanes
-
-
-def _x_for_plane(xf: torch.Tensor, width: int, group_size: int, lanes: int) -> torch.Tensor:
-    """x [S, K] -> [S, G, H, c, L]: entry (g, h, p, l) = x[g * gs + c * (h * L + l) + p] * 2**(-width * p)."""
+def _x_for_plane(xf: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
+    """x [S, K] -> [S, G, H, c, L]: entry (g, h, p, l) = x[g * gs + h * c * L + p * L + l] * 2**(-width * p),
+    the inputs of byte l of chunk h at bits width * p (packing.py's layout: a view, then the powers)."""
     s, k = xf.shape
-    c = 8 // width
-    xp = xf.view(s, k // group_size, group_size // (c * lanes), lanes, c).transpose(-1, -2)
+    c, lanes = 8 // width, packing.lanes(group_size)
+    xp = xf.view(s, k // group_size, group_size // (c * lanes), c, lanes)
     if c > 1:
         xp = xp * (2.0 ** (-width * torch.arange(c, dtype=torch.float32, device=xf.device))).view(c, 1)
     return _own_buffer(xp.contiguous())
@@ -102,7 +92,7 @@ def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     gs = w.group_size
     g = k // gs
     widths = sorted(set(w.expert_bits))
-    lanes = _lanes(widths, gs)
+    lanes = packing.lanes(gs)
     dev = x.device
     xf = x.float()
     ids = ids.clamp(0, w.num_rows - 1)        # in range by construction: the gathers need no bounds checks
@@ -128,7 +118,7 @@ def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             plane = codes[..., start:start + nbytes].view(s_, n, g, gs * width // 8 // lanes, lanes)
             start += nbytes
             if width not in xps:
-                xps[width] = _x_for_plane(xf, width, gs, lanes)
+                xps[width] = _x_for_plane(xf, width, gs)
             for piece in _plane_pieces(plane, xps[width], width, off, member, scale):
                 y = y + piece.sum((-2, -1))
     if w.cache_idx is not None:                                                     # switched channels
@@ -156,7 +146,12 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The same product for many pairs: every expert dequantized once (16-bit), one grouped matmul."""
     from transformers.integrations.moe import _grouped_mm
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    wt = w.dequantize_nk(dtype)                                                # [E, N, K]
+    wt, by_width = w.dequantize_nk(dtype, by_width=True)                      # [E, N, K], experts by width
+    if by_width != sorted(by_width):
+        rank = [0] * len(by_width)
+        for pos, e in enumerate(by_width):
+            rank[e] = pos
+        ids = torch.tensor(rank, device=ids.device)[ids]
     order = ids.argsort()
     counts = torch.zeros(w.num_rows, dtype=torch.int32, device=ids.device).scatter_add_(
         0, ids, torch.ones_like(ids, dtype=torch.int32))

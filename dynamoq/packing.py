@@ -4,6 +4,11 @@ A b-bit code is stored as planes of 4, 2 or 1 bits (6 = 4 + 2, 3 = 2 + 1), each 
 along the input dimension, so a row of K codes takes exactly K * b / 8 bytes and unpacking is
 only shifts and masks, which Inductor fuses into the product that consumes the weights.
 
+Byte layout of a plane of width w (c = 8 / w codes per byte), with L = lanes(group_size): the
+plane is read in chunks of L bytes; byte l of chunk h holds the codes of inputs h * c * L + p * L + l
+for p = 0..c-1, at bits w * p. So unpacking part p of a chunk is one shift and one mask of L
+contiguous bytes into L contiguous codes (it vectorizes), and a group of inputs spans whole chunks.
+
 Shapes: w [..., N, K] (N output rows, K input channels, groups of `group_size` along K);
         scale, zero [..., N, K // group_size]; packed codes [..., N, K * b // 8] uint8.
 """
@@ -49,31 +54,42 @@ def storage_bits(bits: int, group_size: int) -> float:
     return bits + OVERHEAD_BITS_PER_GROUP / group_size
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def lanes(group_size: int) -> int:
+    """Bytes per chunk of the layout: the largest power of two <= 16 that divides group_size / 8, so
+    that every plane of every width holds whole chunks per group."""
+    n = 16
+    while (group_size // 8) % n:
+        n //= 2
+    return n
+
+
+def pack(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """codes [..., K] (integers in [0, 2**bits)) -> packed [..., K * bits // 8] uint8."""
     k = codes.shape[-1]
-    if k % 8:
-        raise QuantizationError(f"cannot pack {k} codes per row: the row length must be a multiple of 8")
+    check_group(k, group_size, f"codes of shape {tuple(codes.shape)}")
+    lane = lanes(group_size)
     codes = codes.to(torch.int32)
     planes = []
     for offset, width in PLANES[check_bits(bits)]:
-        per_byte = 8 // width
-        v = ((codes >> offset) & ((1 << width) - 1)).view(*codes.shape[:-1], k // per_byte, per_byte)
-        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=codes.device)
-        planes.append((v << shifts).sum(-1).to(torch.uint8))
+        c = 8 // width
+        v = ((codes >> offset) & ((1 << width) - 1)).view(*codes.shape[:-1], -1, c, lane)   # [..., H, c, L]
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=codes.device).view(c, 1)
+        planes.append((v << shifts).sum(-2).flatten(-2).to(torch.uint8))                  # [..., H * L]
     return torch.cat(planes, dim=-1)
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """packed [..., K * bits // 8] uint8 -> codes [..., K] int32."""
     k = packed.shape[-1] * 8 // bits
+    lane = lanes(group_size)
     code, start = None, 0
     for offset, width in PLANES[bits]:
         n = k * width // 8
-        plane = packed[..., start:start + n].to(torch.int32)
+        c = 8 // width
+        plane = packed[..., start:start + n].to(torch.int32).view(*packed.shape[:-1], -1, 1, lane)  # [..., H, 1, L]
         start += n
-        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device)
-        v = ((plane.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).flatten(-2)
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device).view(c, 1)
+        v = ((plane >> shifts) & ((1 << width) - 1)).flatten(-3)                         # [..., K]
         v = v << offset if offset else v
         code = v if code is None else code | v
     return code
@@ -98,6 +114,30 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     g = w.float().unflatten(-1, (scale.shape[-1], -1))
     q = (g / scale.float().unsqueeze(-1)).round() + zero.float().unsqueeze(-1)
     return q.clamp(0, qmax).flatten(-2).to(torch.int32)
+
+
+def dequantize_packed(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
+                      group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """unpack + dequantize in one expression whose loops follow the layout: packed [..., N, K * b / 8],
+    scale/zero [..., N, G] -> weights [..., N, K], computed as [..., N, G, J, L] (J = g / L runs of L
+    inputs; run j of a plane with c codes per byte is part j % c of chunk j // c). The innermost L is
+    contiguous in every load and store, so Inductor vectorizes it; the final view is free."""
+    lead, g = packed.shape[:-1], scale.shape[-1]
+    lane = lanes(group_size)
+    code, start = None, 0
+    for offset, width in PLANES[bits]:
+        c = 8 // width
+        n = g * group_size * width // 8
+        plane = packed[..., start:start + n].view(*lead, g, -1, 1, lane).to(torch.int32)   # [..., G, H, 1, L]
+        start += n
+        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device).view(c, 1)
+        v = ((plane >> shifts) & ((1 << width) - 1)).view(*lead, g, -1, lane)              # [..., G, J, L]
+        v = v << offset if offset else v
+        code = v if code is None else code | v
+    w = ((code.float() - zero[..., None, None].float()) * scale[..., None, None].float()).to(dtype)
+    # a buffer of its own in this shape (Inductor would otherwise index it through the flat view below,
+    # with divisions that defeat vectorization), then the free view
+    return w.as_strided(w.shape, w.stride()).view(*lead, g * group_size)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

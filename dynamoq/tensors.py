@@ -16,6 +16,11 @@ implementation of transformers runs on these tensors; `expert_linear` is the fus
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -64,7 +69,7 @@ class _PackedWeight(TorchAOBaseTensor):
         packed = {}
         for b in sorted(set(expert_bits)):
             idx = [e for e, eb in enumerate(expert_bits) if eb == b]
-            packed[f"q{b}"] = packing.pack(codes[idx], b)
+            packed[f"q{b}"] = packing.pack(codes[idx], b, group_size)
         if cache_idx is not None:
             cdt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
             cols = cache_idx[:, None, :].expand(-1, w_fp.shape[1], -1)
@@ -112,26 +117,31 @@ class _PackedWeight(TorchAOBaseTensor):
 
     def codes(self) -> torch.Tensor:
         """All codes [E, N, K] int32, in expert order (for tests and re-quantization)."""
-        parts = {b: packing.unpack(getattr(self, f"q{b}"), b) for b in set(self.expert_bits)}
+        parts = {b: packing.unpack(getattr(self, f"q{b}"), b, self.group_size) for b in set(self.expert_bits)}
         return torch.stack([parts[b][s] for b, s in self._slots()])
 
-    def dequantize_nk(self, dtype=None) -> torch.Tensor:
-        """[E, N, K] in dtype (storage layout, never transposed)."""
+    def dequantize_nk(self, dtype=None, by_width: bool = False):
+        """[E, N, K] in dtype (storage layout, never transposed). With by_width, (weights with the experts
+        ordered by bit-width, that order as a list of expert indices): no reordering pass."""
         groups, order = [], []
         for b in sorted(set(self.expert_bits)):
             idx = [e for e, eb in enumerate(self.expert_bits) if eb == b]
-            groups.append(packing.dequantize(packing.unpack(getattr(self, f"q{b}"), b),
-                                             self.scale[idx], self.zero[idx], dtype or self.dtype))
+            groups.append(packing.dequantize_packed(getattr(self, f"q{b}"), b, self.scale[idx], self.zero[idx],
+                                                    self.group_size, dtype or self.dtype))
             order += idx
         w = torch.cat(groups) if len(groups) > 1 else groups[0]
-        if order != sorted(order):
+        moved = order != sorted(order)
+        if self.cache_idx is not None:
+            pick = (lambda t: t[order]) if moved else (lambda t: t)  # noqa: E731
+            cols = pick(self.cache_idx)[:, None, :].expand(-1, w.shape[1], -1)
+            w = w.scatter_add(-1, cols, pick(self.cache_delta).to(w.dtype))
+        if by_width:
+            return w, order
+        if moved:
             inv = [0] * len(order)
             for pos, e in enumerate(order):
                 inv[e] = pos
             w = w[torch.tensor(inv, device=w.device)]
-        if self.cache_idx is not None:
-            cols = self.cache_idx[:, None, :].expand(-1, w.shape[1], -1)
-            w = w.scatter_add(-1, cols, self.cache_delta.to(w.dtype))
         return w
 
     def packed_nk(self, dtype=None) -> torch.Tensor:
@@ -157,10 +167,13 @@ class _PackedWeight(TorchAOBaseTensor):
                    for n in CACHE_NAMES if getattr(self, n) is not None)
 
     def _stable_hash_for_caching(self) -> str:
-        # the compiled graph depends on the layout metadata, not on the weight values
+        # the compiled graph depends on the layout metadata and on dynamoq's code that reads it (the
+        # packing layout, the kernels), not on the weight values: a graph cached by another version of
+        # that code must never be reused (it would read the bytes in the wrong order)
         shapes = [tuple(getattr(self, n).shape) for n in self.tensor_data_names + self.optional_tensor_data_names
                   if getattr(self, n) is not None]
-        return f"{type(self).__name__}-{self.expert_bits}-{self.group_size}-{self.transposed}-{self.dtype}-{shapes}"
+        return (f"{type(self).__name__}-{self.expert_bits}-{self.group_size}-{self.transposed}-{self.dtype}-{shapes}"
+                f"-{_code_hash()}")
 
     def __repr__(self):
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, bits={self.expert_bits}, "
@@ -198,6 +211,16 @@ class SwitchableLinear(_PackedWeight):
         return self.expert_bits[0]
 
 
+@functools.cache
+def _code_hash() -> str:
+    """Digest of the sources that decide how packed weights are read."""
+    from . import kernels
+    h = hashlib.sha256()
+    for mod in (packing, kernels, sys.modules[__name__]):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def replace_cache(t: _PackedWeight, cache: dict | None) -> _PackedWeight:
     """The same packed weight with another switching cache (None: without one)."""
     names = {n: getattr(t, n) for n in _CODE_NAMES}
@@ -230,7 +253,7 @@ def _select(func, types, args, kwargs):
         return func(self.dequantize(), dim, index)
     index = index % self.num_rows
     b, slot = self._slots()[index]
-    w = packing.dequantize(packing.unpack(getattr(self, f"q{b}")[slot], b), self.scale[index],
+    w = packing.dequantize(packing.unpack(getattr(self, f"q{b}")[slot], b, self.group_size), self.scale[index],
                            self.zero[index], self.dtype)
     if self.cache_idx is not None:
         cols = self.cache_idx[index][None, :].expand(w.shape[0], -1)

@@ -358,9 +358,13 @@ def test_unknown_format_version(ckpt):
     with pytest.raises(CheckpointError, match="unknown dynamoq format version 99"):
         from_pretrained(ckpt)
     m = json.loads((ckpt / "dynamoq.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 3
     (ckpt / "dynamoq.json").write_text(json.dumps(m))
-    with pytest.raises(CheckpointError, match="unknown dynamoq format version 2"):
+    with pytest.raises(CheckpointError, match="unknown dynamoq format version 3"):
+        dynamoq.load(ckpt)
+    m["format_version"] = 1
+    (ckpt / "dynamoq.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="older dynamoq .format 1.*quantize the original model again"):
         dynamoq.load(ckpt)
 
 

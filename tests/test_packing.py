@@ -2,23 +2,50 @@ import pytest
 import torch
 
 from dynamoq import QuantizationError
-from dynamoq.packing import BITS, check_group, dequantize, pack, quantize_rtn, storage_bits, unpack
+from dynamoq.packing import BITS, check_group, dequantize, lanes, pack, quantize_rtn, storage_bits, unpack
 
 
+@pytest.mark.parametrize("group_size", [8, 32, 64, 128, 192])
 @pytest.mark.parametrize("bits", BITS)
-def test_pack_round_trip_is_exact_and_uses_bits_per_code(bits):
-    codes = torch.randint(0, 1 << bits, (3, 5, 256))
-    packed = pack(codes, bits)
+def test_pack_round_trip_is_exact_and_uses_bits_per_code(bits, group_size):
+    k = 3 * group_size if group_size != 8 else 256
+    codes = torch.randint(0, 1 << bits, (3, 5, k))
+    packed = pack(codes, bits, group_size)
     assert packed.dtype == torch.uint8
-    assert packed.shape == (3, 5, 256 * bits // 8)
-    assert torch.equal(unpack(packed, bits), codes.int())
+    assert packed.shape == (3, 5, k * bits // 8)
+    assert torch.equal(unpack(packed, bits, group_size), codes.int())
 
 
 def test_pack_extreme_codes():
     for bits in BITS:
         for v in (0, (1 << bits) - 1):
             codes = torch.full((2, 64), v)
-            assert torch.equal(unpack(pack(codes, bits), bits), codes.int())
+            assert torch.equal(unpack(pack(codes, bits, 64), bits, 64), codes.int())
+
+
+@pytest.mark.parametrize("group_size,expected", [(8, 1), (32, 4), (64, 8), (128, 16), (192, 8), (256, 16)])
+def test_lanes_fill_whole_chunks_of_every_plane(group_size, expected):
+    assert lanes(group_size) == expected
+    for width in (1, 2, 4, 8):
+        assert (group_size * width // 8) % lanes(group_size) == 0
+
+
+def test_layout_keeps_each_part_of_a_chunk_contiguous():
+    """Byte l of chunk h of a 2-bit plane holds inputs h*4*L + p*L + l at bits 2p (packing.py's layout):
+    a code set at one input shows up in exactly that byte and those bits."""
+    gs = 128
+    lane = lanes(gs)                                       # 16
+    for h, p, l in [(0, 0, 0), (0, 3, 5), (1, 2, 15), (1, 1, 7)]:
+        codes = torch.zeros(1, gs, dtype=torch.int32)
+        codes[0, h * 4 * lane + p * lane + l] = 3
+        packed = pack(codes, 2, gs)[0]
+        assert packed.nonzero().flatten().tolist() == [h * lane + l]
+        assert int(packed[h * lane + l]) == 3 << (2 * p)
+
+
+def test_pack_refuses_rows_that_are_not_whole_groups():
+    with pytest.raises(QuantizationError, match="group_size"):
+        pack(torch.zeros(2, 100, dtype=torch.int32), 4, 64)
 
 
 @pytest.mark.parametrize("bits", BITS)
