@@ -120,11 +120,22 @@ def storage_average(bits_per_expert: list[int], sizes: list[int], group_size: in
     return sum((b + over) * s for b, s in zip(bits_per_expert, sizes)) / sum(sizes)
 
 
+def with_prior(sig: torch.Tensor, prior: float) -> torch.Tensor:
+    """Mix a layer's significance [E] (sums to 1) with uniform traffic: (1 - prior) * sig + prior / E.
+    Calibration data never covers every domain a model serves; an expert it rarely routes to may
+    carry most of another domain's tokens, and without a prior it would take the lowest width."""
+    if not 0 <= prior <= 1:
+        raise QuantizationError(f"prior={prior} must be between 0 (calibration only) and 1 (uniform traffic)")
+    return (1 - prior) * sig + prior / sig.numel()
+
+
 def allocate(model, analysis, mode: str, group_size: int, target_bits: float | None = None,
-             dataset_weights: dict | None = None, lam: float = 1.0, progress: bool = True) -> dict[int, list[int]]:
+             dataset_weights: dict | None = None, lam: float = 1.0, prior: float = 0.0,
+             progress: bool = True) -> dict[int, list[int]]:
     """Bits of every expert of every MoE layer from an Analysis.
     mode: "fuzzy" (paper), "budget" (exact average, significance-weighted error) or "frequency"
-    (the same budget, with routing frequency as the only significance: an ablation)."""
+    (the same budget, with routing frequency as the only significance: an ablation).
+    prior: weight of uniform traffic mixed into every layer's significance (with_prior)."""
     from tqdm.auto import tqdm
 
     from . import adapters
@@ -136,6 +147,7 @@ def allocate(model, analysis, mode: str, group_size: int, target_bits: float | N
         sig = analysis.usage()
     else:
         sig = analysis.synthesized(dataset_weights, lam)
+    sig = {layer: with_prior(s, prior) for layer, s in sig.items()}
     if mode == "fuzzy":
         return {layer: fuzzy_bits(sig[layer]) for layer in analysis.layers}
     if mode not in ("budget", "frequency"):

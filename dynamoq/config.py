@@ -28,6 +28,8 @@ class DynaMoConfig(AOBaseConfig):
       analysis:     a dynamoq.Analysis of this model; or datasets= {name: texts or LongTensor [N, T]}
                     (with tokenizer= for texts) to run the analysis first.
       dataset_weights, lam: synthesis across datasets = weighted mean + lam x std (METHOD.md §1).
+      prior:        weight of uniform traffic mixed into each layer's significance, for the experts of
+                    domains the calibration data does not cover (0 = calibration only, 1 = uniform).
     Quantizer:
       quantizer:    "rtn" (round-to-nearest, data-free) or "gptq" (Hessian of each expert's routed
                     tokens; needs analysis or datasets); damp, act_order, balanced (experts short of
@@ -53,6 +55,7 @@ class DynaMoConfig(AOBaseConfig):
     allocation: str | None = None
     dataset_weights: Mapping[str, float] | None = None
     lam: float = 1.0
+    prior: float = 0.0
     quantizer: str = "rtn"
     damp: float = 0.01
     act_order: bool = False
@@ -72,6 +75,8 @@ class DynaMoConfig(AOBaseConfig):
                 check_bits(b)
         if not 0 <= self.cache_fraction <= 0.5:
             raise QuantizationError(f"cache_fraction={self.cache_fraction} must be between 0 and 0.5")
+        if not 0 <= self.prior <= 1:
+            raise QuantizationError(f"prior={self.prior} must be between 0 (calibration only) and 1 (uniform traffic)")
         if self.quantizer not in QUANTIZERS:
             raise QuantizationError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
@@ -105,8 +110,9 @@ class DynaMoConfig(AOBaseConfig):
             raise QuantizationError(
                 f"expert_bits has no entry for MoE layer {layer}; add one or set bits= for the layers it omits")
         if self.mode == "fuzzy" and self.analysis is not None:
-            from .allocation import fuzzy_bits
-            return tuple(fuzzy_bits(self.analysis.synthesized(self.dataset_weights, self.lam)[layer]))
+            from .allocation import fuzzy_bits, with_prior
+            sig = self.analysis.synthesized(self.dataset_weights, self.lam)[layer]
+            return tuple(fuzzy_bits(with_prior(sig, self.prior)))
         if self.mode is not None:
             raise QuantizationError(f"allocation {self.mode!r} weighs all layers at once: use dynamoq.quantize_")
         return (self.bits or DEFAULT_BITS,) * num_experts

@@ -178,7 +178,7 @@ def resolve(model: nn.Module, config: DynaMoConfig, progress: bool = True) -> Dy
     if config.mode is not None:
         from .allocation import allocate
         expert_bits = allocate(model, analysis, config.mode, config.group_size, config.target_bits,
-                               config.dataset_weights, config.lam, progress=progress)
+                               config.dataset_weights, config.lam, config.prior, progress=progress)
     return replace(config, analysis=analysis, datasets=None, expert_bits=expert_bits, allocation=None,
                    target_bits=None)
 

@@ -76,3 +76,20 @@ def test_relative_error_falls_with_bits_and_weights_channels():
     m2 = m.clone()
     m2[:, :64] = 0        # channels never used cost nothing
     assert (relative_error(w, m2, 64) != err).any()
+
+
+def test_prior_mixes_uniform_traffic_and_lifts_an_unseen_expert():
+    from dynamoq.allocation import with_prior
+    sig = torch.tensor([0.7, 0.3, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(with_prior(sig, 0.0), sig)
+    assert torch.allclose(with_prior(sig, 1.0), torch.full((4,), 0.25, dtype=torch.float64))
+    mixed = with_prior(sig, 0.4)
+    assert abs(float(mixed.sum()) - 1) < 1e-12 and float(mixed[2]) == pytest.approx(0.1)
+    # an expert calibration never routed to: 2 bits without a prior, more with one
+    sizes = torch.full((4,), 1024, dtype=torch.long)
+    errors = torch.tensor([[16.0, 2.0, 1.0, 0.25, 0.06]] * 4, dtype=torch.float64)  # 2 bits: far worse
+    without = budget_bits(with_prior(sig, 0.0), sizes, errors, 3.375, 64)
+    with_ = budget_bits(with_prior(sig, 0.5), sizes, errors, 3.375, 64)
+    assert without[2] == without[3] == 2 and with_[2] > 2
+    with pytest.raises(QuantizationError, match="prior"):
+        with_prior(sig, 1.5)
