@@ -14,73 +14,97 @@ from .packing import QuantizationError
 MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
 
 
-def _group_grid(w: torch.Tensor, bits: int):
-    """Asymmetric grid of one group w [N, g] (range always holds 0): scale [N], zero [N]."""
-    qmax = (1 << bits) - 1
+def _group_grid(w: torch.Tensor, qmax: torch.Tensor):
+    """Asymmetric grid of one group w [B, N, g] (range always holds 0), qmax [B, 1]: scale, zero [B, N]."""
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
     scale = ((hi - lo) / qmax).clamp(min=1e-6).half().float()
-    zero = (-lo / scale).round().clamp(0, qmax)
+    zero = torch.minimum((-lo / scale).round().clamp(min=0), qmax)
     return scale, zero
 
 
-def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
+def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
+    """Upper Cholesky factor of the damped inverse Hessian, h [B, K, K] -> (u [B, K, K], damping [B]).
+    A matrix that is not positive definite is retried alone with ten times the damping."""
+    b, k = h.shape[0], h.shape[-1]
+    eye = torch.eye(k, dtype=h.dtype)
+    mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+    tries = torch.zeros(b, dtype=torch.long)
+    u = torch.empty_like(h)
+    todo = torch.arange(b)
+    while len(todo):
+        if int(tries[todo].max()) >= max_retries:
+            raise QuantizationError(f"the Hessian is not positive definite even with damping {damp * 10 ** max_retries}")
+        d = damp * 10.0 ** tries[todo].to(h.dtype)
+        chol, info = torch.linalg.cholesky_ex(h[todo] + (d * mean_diag[todo])[:, None, None] * eye)
+        ok = info == 0
+        if ok.any():
+            uu, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol[ok]), upper=True)
+            ok_idx = ok.nonzero().flatten()
+            good = info2 == 0
+            u[todo[ok_idx[good]]] = uu[good]
+            ok[ok_idx[~good]] = False
+        tries[todo[~ok]] += 1
+        todo = todo[~ok]
+    return u, [damp * 10 ** int(t) for t in tries]
+
+
+def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp: float = 0.01,
          act_order: bool = False, max_retries: int = 6):
-    """w_nk [N, K], hessian [K, K] (X^T X of the inputs) -> codes [N, K] int32, scale, zero [N, K // g],
-    and the damping that made the Hessian positive definite."""
-    n, k = w_nk.shape
-    qmax = (1 << bits) - 1
-    w = w_nk.float().clone()
-    h = hessian.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    """w_nk [N, K] or a batch [B, N, K] (the experts of one projection, solved together: one pass over
+    the columns for all of them), hessian [K, K] or [B, K, K] (X^T X of the inputs), bits an int or one
+    per batch entry -> codes [..., N, K] int32, scale, zero [..., N, K // g], and the damping that made
+    each Hessian positive definite (a float, or a list for a batch)."""
+    single = w_nk.dim() == 2
+    w, h = (w_nk[None], hessian[None]) if single else (w_nk, hessian)
+    b, n, k = w.shape
+    bits = [bits] * b if isinstance(bits, int) else list(bits)
+    qmax = torch.tensor([(1 << x) - 1 for x in bits], dtype=torch.float32)[:, None]      # [B, 1]
+    w = w.float().clone()
+    h = h.double().clone()
+    dead = h.diagonal(dim1=-2, dim2=-1) == 0                                              # [B, K]
+    h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+    w.masked_fill_(dead[:, None, :], 0.0)
     ngroups = k // group_size
+    rows = torch.arange(b)
     static = None
     if act_order:   # group grids fixed from the original weights, so columns may be visited in any order
-        g = w.unflatten(-1, (ngroups, group_size))
-        static = [_group_grid(g[:, j], bits) for j in range(ngroups)]
-        perm = torch.argsort(h.diagonal(), descending=True)
+        g = w.unflatten(-1, (ngroups, group_size))                                        # [B, N, G, g]
+        grids = [_group_grid(g[:, :, j], qmax) for j in range(ngroups)]
+        static = (torch.stack([s for s, _ in grids], -1), torch.stack([z for _, z in grids], -1))  # [B, N, G]
+        perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)       # [B, K]
+        w = w.gather(-1, perm[:, None, :].expand(-1, n, -1))
+        h = h.gather(-1, perm[:, None, :].expand(-1, k, -1)).gather(-2, perm[:, :, None].expand(-1, -1, k))
     else:
-        perm = torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    mean_diag = h.diagonal().mean()
-    for attempt in range(max_retries):
-        hd = h + (damp * 10 ** attempt) * mean_diag * torch.eye(k, dtype=h.dtype)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if info == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info == 0:
-                break
-    else:
-        raise QuantizationError(f"the Hessian is not positive definite even with damping {damp * 10 ** max_retries}")
-    used_damp = damp * 10 ** attempt
+        perm = torch.arange(k).expand(b, k)
+    u, used = _inverse_factor(h, damp, max_retries)
     u = u.float()
-    codes = torch.zeros(n, k, dtype=torch.int32)
-    scale = torch.zeros(n, ngroups)
-    zero = torch.zeros(n, ngroups)
+    codes = torch.zeros(b, n, k, dtype=torch.int32)
+    scale = torch.zeros(b, n, ngroups) if static is None else static[0]
+    zero = torch.zeros(b, n, ngroups) if static is None else static[1]
     block = group_size * max(1, 128 // group_size)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, :, i1:i2].clone()                                                       # [B, N, block]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col = i1 + i
-            grp = int(perm[col]) // group_size
             if static is not None:
-                s, z = static[grp]
+                grp = perm[:, col] // group_size                                          # [B]
+                s, z = static[0][rows, :, grp], static[1][rows, :, grp]                   # [B, N]
             elif col % group_size == 0:
-                s, z = _group_grid(w1[:, i:i + group_size], bits)
-            if static is None and col % group_size == 0 or static is not None:
-                scale[:, grp], zero[:, grp] = s, z
-            q = (w1[:, i] / s).round().add(z).clamp(0, qmax)
-            codes[:, col] = q.int()
-            e = (w1[:, i] - (q - z) * s) / u[col, col]
-            w1[:, i:] -= e[:, None] * u[col, i1 + i:i2][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return codes[:, inv], scale.half(), zero.to(torch.uint8), used_damp
+                s, z = _group_grid(w1[:, :, i:i + group_size], qmax)
+                scale[:, :, col // group_size], zero[:, :, col // group_size] = s, z
+            q = torch.minimum((w1[:, :, i] / s).round().add(z).clamp(min=0), qmax)
+            codes[:, :, col] = q.int()
+            e = (w1[:, :, i] - (q - z) * s) / u[:, col, col][:, None]                     # [B, N]
+            w1[:, :, i:] -= e[:, :, None] * u[:, None, col, i1 + i:i2]
+            err1[:, :, i] = e
+        w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
+    codes = codes.gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1))
+    scale, zero = scale.half(), zero.to(torch.uint8)
+    if single:
+        return codes[0], scale[0], zero[0], used[0]
+    return codes, scale, zero, used
 
 
 class _Stop(Exception):
@@ -167,20 +191,26 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                 codes = torch.empty(e_n, n, k, dtype=torch.int32)
                 scale = torch.empty(e_n, n, k // group_size, dtype=torch.float16)
                 zero = torch.empty(e_n, n, k // group_size, dtype=torch.uint8)
+                solve, hessians = [], []
                 for e in range(e_n):
                     if stats.count[e] >= MIN_TOKENS:
-                        hess = stats.hessian[p][e]
+                        hessians.append(stats.hessian[p][e])
                     elif balanced:
-                        hess = hook.balanced_hessian(p, e)
+                        hessians.append(hook.balanced_hessian(p, e))
                         report["balanced_hessian"].append(f"{t.fqn}[{e}]")
                     else:
                         from .packing import quantize_rtn
                         codes[e], scale[e], zero[e] = quantize_rtn(w_nk[e], t.bits[e], group_size)
                         report["fallback_rtn"].append(f"{t.fqn}[{e}]")
                         continue
-                    codes[e], scale[e], zero[e], d = gptq(w_nk[e], hess.cpu(), t.bits[e], group_size, damp, act_order)
-                    if d != damp:
-                        report["damping"][f"{t.fqn}[{e}]"] = d
+                    solve.append(e)
+                if solve:
+                    c, s_, z, used = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
+                                          [t.bits[e] for e in solve], group_size, damp, act_order)
+                    codes[solve], scale[solve], zero[solve] = c, s_, z
+                    for e, d in zip(solve, used):
+                        if d != damp:
+                            report["damping"][f"{t.fqn}[{e}]"] = d
                 t.apply(group_size, codes=(codes, scale, zero))
             del stats, hook, hooks
         for t in todo:

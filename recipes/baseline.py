@@ -13,6 +13,7 @@ from _common import CALIB, evaluate, fmt_ppl, fresh, load, parser, texts, write
 
 import dynamoq
 from dynamoq import DynaMoConfig
+from dynamoq.packing import storage_bits
 
 
 def zero_shot(model, tok, items) -> float:
@@ -42,6 +43,9 @@ def main():
         "GPTQ 4-bit": DynaMoConfig(bits=4, analysis=analysis, quantizer="gptq", **common),
         f"DynaMo BQ budget {args.target_bits}": DynaMoConfig(analysis=analysis, target_bits=args.target_bits,
                                                               quantizer="gptq", **common),
+        # the same storage as uniform 3-bit (codes + scales + zeros of group g): the like-for-like comparison
+        f"DynaMo BQ budget {storage_bits(3, g):g} (= GPTQ 3-bit storage)": DynaMoConfig(
+            analysis=analysis, target_bits=storage_bits(3, g), quantizer="gptq", **common),
         "DynaMo BQ paper (fuzzy)": DynaMoConfig(analysis=analysis, allocation="fuzzy", quantizer="gptq", **common),
         f"frequency-only {args.target_bits} (ablation)": DynaMoConfig(
             analysis=analysis, allocation="frequency", target_bits=args.target_bits, quantizer="gptq", **common),

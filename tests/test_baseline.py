@@ -171,3 +171,18 @@ def test_experts_short_of_tokens_get_the_balanced_hessian_or_rtn(monkeypatch):
     h = hook.balanced_hessian(0, 0)
     codes, scale, zero, _ = gptq(block.experts.gate_up_proj[0].detach().float(), h, 3, 32)
     assert torch.equal(first.codes()[0], codes)
+
+
+def test_batched_gptq_equals_one_expert_at_a_time_and_damps_each_alone():
+    """The experts of a projection are solved in one pass over the columns; every expert gets exactly
+    the codes it would get alone, and only a Hessian that is not positive definite gets more damping."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 16, 64)
+    x = torch.randn(3, 200, 64)
+    h = torch.einsum("btk,btj->bkj", x.double(), x.double())
+    h[2] -= 1.5 * torch.linalg.eigvalsh(h[2])[0] * torch.eye(64, dtype=torch.float64)   # indefinite: more damping
+    codes, scale, zero, used = gptq(w, h, [2, 3, 4], 32)
+    assert used[0] == used[1] == 0.01 and used[2] > 0.01
+    for e, bits in enumerate([2, 3, 4]):
+        c, s, z, d = gptq(w[e], h[e], bits, 32)
+        assert torch.equal(codes[e], c) and torch.equal(scale[e], s) and torch.equal(zero[e], z) and d == used[e]
