@@ -253,8 +253,8 @@ def _select(func, types, args, kwargs):
         return func(self.dequantize(), dim, index)
     index = index % self.num_rows
     b, slot = self._slots()[index]
-    w = packing.dequantize(packing.unpack(getattr(self, f"q{b}")[slot], b, self.group_size), self.scale[index],
-                           self.zero[index], self.dtype)
+    w = packing.dequantize_packed(getattr(self, f"q{b}")[slot], b, self.scale[index], self.zero[index],
+                                  self.group_size, self.dtype)
     if self.cache_idx is not None:
         cols = self.cache_idx[index][None, :].expand(w.shape[0], -1)
         w = w.scatter_add(-1, cols, self.cache_delta[index].to(w.dtype))

@@ -65,6 +65,33 @@ def evaluate(model, tok, domains, args, reference=None) -> dict:
     return out
 
 
+def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
+    """Greedy decode, one token per step with a static cache, the decode step compiled (fullgraph).
+    prompt [1, T] -> (steady tokens/s: median over the steps after the first `warmup`, which compile;
+    the tokens generated)."""
+    import statistics
+
+    from transformers import StaticCache
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    prompt, n = prompt.to(dev), prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
+    step = torch.compile(model, fullgraph=True)
+    out, times = [], []
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(n, device=dev)).logits
+        tok = logits[:, -1:].argmax(-1)
+        for i in range(new_tokens):
+            sync()
+            t0 = time.perf_counter()
+            logits = step(tok, past_key_values=cache, cache_position=torch.tensor([n + i], device=dev)).logits
+            tok = logits[:, -1:].argmax(-1)
+            sync()
+            times.append(time.perf_counter() - t0)
+            out.append(int(tok))
+    return 1 / statistics.median(times[min(warmup, len(times) - 1):]), out
+
+
 def write(name: str, result: dict, table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),

@@ -9,6 +9,7 @@ end-to-end decode of the real reference model (dynamoq.models.reference("real"))
     python recipes/bench_kernels.py                       # everything (about an hour on 2 cores)
     python recipes/bench_kernels.py --quick               # small shapes, a smoke run
     python recipes/bench_kernels.py --shapes olmoe --threads 1 --tokens 1 --no-e2e
+    python recipes/bench_kernels.py --device cuda --name kernels_gpu   # one command on a GPU (Triton via Inductor)
 
 Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are random (N(0, 0.02)):
 speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation (torchao rows: over bf16 timed beside them, after a dynamo reset);
@@ -33,6 +34,7 @@ import torch
 from transformers import AutoConfig
 
 import dynamoq
+from _common import decode_rate
 from dynamoq import DynaMoExperts
 from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
 
@@ -44,6 +46,7 @@ SHAPES = {   # name: (model type, hidden, expert width, experts, top-k)
 }
 MIX = {2: 44, 4: 16, 6: 2, 8: 2}              # experts per width out of 64: 2.81 code bits, 3.0 stored (g128)
 PROJ = ("gate_up_proj", "down_proj")
+DEVICE = torch.device("cpu")                  # --device
 
 
 # ---- layers and variants --------------------------------------------------------------------------
@@ -63,7 +66,7 @@ def moe_layer(shape: str, seed: int = 0):
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.02)
-    return block.to(torch.bfloat16).eval()
+    return block.to(DEVICE, torch.bfloat16).eval()
 
 
 def with_impl(block, impl: str):
@@ -142,7 +145,7 @@ def storage_bits(layer) -> float:
 def inputs(block, tokens: int, pool: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     hidden = block.experts.gate_up_proj.shape[-1]
-    return [torch.randn(1, tokens, hidden, generator=g).to(torch.bfloat16) for _ in range(pool)]
+    return [torch.randn(1, tokens, hidden, generator=g).to(DEVICE, torch.bfloat16) for _ in range(pool)]
 
 
 def bytes_per_token(block, xs, expert_bits) -> float:
@@ -166,14 +169,21 @@ def compile_layer(layer, fullgraph: bool):
     return run
 
 
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(fns: dict, xs: list, runs: int) -> dict:
     """Interleaved: every run calls each variant once on the same input; median seconds per call."""
     times = {k: [] for k in fns}
     for r in range(runs):
         x = xs[r % len(xs)]
         for k, f in fns.items():
+            _sync()
             t0 = time.perf_counter()
             f(x)
+            _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -196,7 +206,8 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     # decode / prefill graph; dynamo's default limit (8) is below that
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for threads in args.threads:
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         for phase in phases:
             if not any(n.startswith("torchao") for n in phase) and phase is phases[1]:
                 continue
@@ -251,41 +262,22 @@ def e2e(args, notes) -> list[dict]:
     prompt = tok("The history of the city begins", return_tensors="pt").input_ids
     rows = []
     for threads in args.threads:
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         for label in ("bf16", "dynamoq mixed 2/4/6/8", "dynamoq 4-bit"):
             torch._dynamo.reset()
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
             if label != "bf16":
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
                 dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64), progress=False)
-            tps, text = decode_speed(model, prompt, args.e2e_tokens)
+            tps, text = decode_rate(model, prompt, args.e2e_tokens)
             rep = dynamoq.bits_report(model) if label != "bf16" else {"storage_bits": 16.0}
             rows.append({"threads": threads, "variant": label, "tokens_per_s": tps,
                          "expert_storage_bits": rep["storage_bits"], "text": text})
             print(f"  e2e {threads}t {label:24s} {tps:8.2f} tokens/s", flush=True)
             del model
     return rows
-
-
-def decode_speed(model, prompt, new_tokens: int):
-    from transformers import StaticCache
-    n = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
-    step = torch.compile(model, fullgraph=True)
-    out = []
-    with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(n)).logits
-        tok = logits[:, -1:].argmax(-1)
-        times = []
-        for i in range(new_tokens):
-            t0 = time.perf_counter()
-            logits = step(tok, past_key_values=cache, cache_position=torch.tensor([n + i])).logits
-            tok = logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t0)
-            out.append(int(tok))
-    steady = times[min(3, len(times) - 1):]            # the first steps compile
-    return 1 / statistics.median(steady), out
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -320,14 +312,22 @@ def main():
     p.add_argument("--e2e-tokens", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 thread, few runs, no end-to-end")
     p.add_argument("--name", default="kernels_cpu")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (threads then do not apply: reported as 0)")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch")
+        args.threads = [0]
     if args.quick:
         args.shapes, args.threads, args.tokens, args.runs, args.e2e = ["tiny"], [1], [1, 16], 5, False
     # decode sizes share one graph: a dynamic token count whose size 1 is not specialized
     torch.fx.experimental._config.backed_size_oblivious = True
     rows, notes, e2e_rows = [], [], []
     command = "python recipes/bench_kernels.py " + " ".join(sys.argv[1:])
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+    machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if DEVICE.type == "cuda" else
+               f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}")
 
     def write(done: bool) -> None:
         """Results so far (after every measured size, so a run killed midway leaves what it measured)."""
@@ -348,6 +348,7 @@ def main():
         run_shape(shape, args, rows, notes, on_rows=lambda: write(False))
     e2e_rows += e2e(args, notes) if args.e2e else []
     write(True)
+
 
 if __name__ == "__main__":
     main()

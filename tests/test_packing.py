@@ -87,3 +87,14 @@ def test_group_that_does_not_divide_is_refused_with_a_hint():
         check_group(96, 128)
     with pytest.raises(QuantizationError, match="multiple of 8"):
         check_group(96, 12)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 192])
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_packed_equals_unpack_then_dequantize(bits, group_size):
+    from dynamoq.packing import dequantize_packed
+    w = torch.randn(2, 6, 2 * group_size)
+    codes, scale, zero = quantize_rtn(w, bits, group_size)
+    packed = pack(codes, bits, group_size)
+    ref = dequantize(unpack(packed, bits, group_size), scale, zero)
+    assert torch.equal(dequantize_packed(packed, bits, scale, zero, group_size), ref)
