@@ -21,7 +21,8 @@ def main():
     p.add_argument("--target-bits", type=float, default=3.0)
     p.add_argument("--cache-fraction", type=float, default=0.01)
     p.add_argument("--adapt-tokens", type=int, default=4096)
-    p.add_argument("--gen-tokens", type=int, default=1024)
+    p.add_argument("--gen-tokens", type=int, default=1024, help="generation length the switch time is compared with")
+    p.add_argument("--decode-steps", type=int, default=128, help="greedy steps timed for the decode rate")
     p.add_argument("--policies", nargs="+", default=["paper", "raise"], choices=["paper", "raise"])
     p.add_argument("--quantizer", default="gptq")
     args = p.parse_args()
@@ -50,10 +51,10 @@ def main():
     reverted = evaluate(model, tok, CALIB, args)
     # switch time against generating tokens: compiled greedy decode, in the baseline and in a switched state
     prompt = tok(texts(held_out[0], "test")[0][:400], return_tensors="pt").input_ids
-    rate_base, _ = decode_rate(model, prompt, args.gen_tokens)
+    rate_base, _ = decode_rate(model, prompt, args.decode_steps)
     dynamoq.adapt_(model, texts(held_out[0], "calib"), tokenizer=tok, max_tokens=args.adapt_tokens,
                    seq_len=args.seq_len, policy=args.policies[0])
-    rate_switched, _ = decode_rate(model, prompt, args.gen_tokens)
+    rate_switched, _ = decode_rate(model, prompt, args.decode_steps)
     dynamoq.revert_(model)
     gen_seconds = args.gen_tokens / rate_base
     runs = [r[pol] for r in rows.values() for pol in args.policies]
@@ -77,7 +78,7 @@ def main():
         f"expert whose fuzzy cluster changes move to the new width (up or down); raise = only up. Mean switch "
         f"(re-cluster, re-quantize cached columns, write them) {mean_switch:.3f} s = "
         f"{100 * mean_switch / gen_seconds:.2f}% of generating {args.gen_tokens} tokens ({gen_seconds:.1f} s at the "
-        f"median rate of {args.gen_tokens} greedy steps, {rate_base:.2f} tokens/s, compiled decode step, static cache, "
+        f"median rate of {args.decode_steps} greedy steps, {rate_base:.2f} tokens/s, compiled decode step, static cache, "
         f"prompt excluded, {args.threads} threads; in a switched state {rate_switched:.2f} tokens/s); with the "
         f"estimation pass over the {args.adapt_tokens}-token sample "
         f"{mean_adapt:.2f} s = {100 * mean_adapt / gen_seconds:.1f}% (the paper: 7.7-10.7% of online time).")
