@@ -49,13 +49,11 @@ def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
 
 
 def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp: float = 0.01,
-         act_order: bool = False, max_retries: int = 6, targets: bool = False):
+         act_order: bool = False, max_retries: int = 6):
     """w_nk [N, K] or a batch [B, N, K] (the experts of one projection, solved together: one pass over
     the columns for all of them), hessian [K, K] or [B, K, K] (X^T X of the inputs), bits an int or one
     per batch entry -> codes [..., N, K] int32, scale, zero [..., N, K // g], and the damping that made
-    each Hessian positive definite (a float, or a list for a batch). With targets, also the value each
-    column had when it was rounded ([..., N, K] float32: the weight plus the error feedback of the columns
-    before it), which is what a column re-quantized later (switching) must approximate."""
+    each Hessian positive definite (a float, or a list for a batch)."""
     single = w_nk.dim() == 2
     w, h = (w_nk[None], hessian[None]) if single else (w_nk, hessian)
     b, n, k = w.shape
@@ -81,7 +79,6 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
     u, used = _inverse_factor(h, damp, max_retries)
     u = u.float()
     codes = torch.zeros(b, n, k, dtype=torch.int32)
-    target = torch.zeros(b, n, k) if targets else None
     scale = torch.zeros(b, n, ngroups) if static is None else static[0]
     zero = torch.zeros(b, n, ngroups) if static is None else static[1]
     block = group_size * max(1, 128 // group_size)
@@ -99,19 +96,15 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
                 scale[:, :, col // group_size], zero[:, :, col // group_size] = s, z
             q = torch.minimum((w1[:, :, i] / s).round().add(z).clamp(min=0), qmax)
             codes[:, :, col] = q.int()
-            if target is not None:
-                target[:, :, col] = w1[:, :, i]
             e = (w1[:, :, i] - (q - z) * s) / u[:, col, col][:, None]                     # [B, N]
             w1[:, :, i:] -= e[:, :, None] * u[:, None, col, i1 + i:i2]
             err1[:, :, i] = e
         w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
-    inv = torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1)
-    codes = codes.gather(-1, inv)
+    codes = codes.gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1))
     scale, zero = scale.half(), zero.to(torch.uint8)
-    out = [codes, scale, zero, used]
-    if target is not None:
-        out.append(target.gather(-1, inv))
-    return tuple(x[0] for x in out) if single else tuple(out)
+    if single:
+        return codes[0], scale[0], zero[0], used[0]
+    return codes, scale, zero, used
 
 
 class _Stop(Exception):
@@ -211,18 +204,14 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                         report["fallback_rtn"].append(f"{t.fqn}[{e}]")
                         continue
                     solve.append(e)
-                cached = t.cache_idx is not None
-                w_fp = w_nk.clone() if cached else None     # what the switching cache keeps of each column
                 if solve:
-                    c, s_, z, used, *tg = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
-                                               [t.bits[e] for e in solve], group_size, damp, act_order, targets=cached)
+                    c, s_, z, used = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
+                                          [t.bits[e] for e in solve], group_size, damp, act_order)
                     codes[solve], scale[solve], zero[solve] = c, s_, z
-                    if cached:
-                        w_fp[solve] = tg[0]
                     for e, d in zip(solve, used):
                         if d != damp:
                             report["damping"][f"{t.fqn}[{e}]"] = d
-                t.apply(group_size, codes=(codes, scale, zero), w_fp=w_fp)
+                t.apply(group_size, codes=(codes, scale, zero))
             del stats, hook, hooks
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:
