@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_o
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 
 from . import packing
-from .tensors import DynaMoExperts
+from .tensors import DynaMoExperts, inverse_permutation
 
 NAME = "dynamoq"
 aten = torch.ops.aten
@@ -147,11 +147,8 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     from transformers.integrations.moe import _grouped_mm
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     wt, by_width = w.dequantize_nk(dtype, by_width=True)                      # [E, N, K], experts by width
-    if by_width != sorted(by_width):
-        rank = [0] * len(by_width)
-        for pos, e in enumerate(by_width):
-            rank[e] = pos
-        ids = torch.tensor(rank, device=ids.device)[ids]
+    if by_width != sorted(by_width):                                           # ids -> positions in that order
+        ids = torch.tensor(inverse_permutation(by_width), device=ids.device)[ids]
     order = ids.argsort()
     counts = torch.zeros(w.num_rows, dtype=torch.int32, device=ids.device).scatter_add_(
         0, ids, torch.ones_like(ids, dtype=torch.int32))

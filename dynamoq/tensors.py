@@ -138,10 +138,7 @@ class _PackedWeight(TorchAOBaseTensor):
         if by_width:
             return w, order
         if moved:
-            inv = [0] * len(order)
-            for pos, e in enumerate(order):
-                inv[e] = pos
-            w = w[torch.tensor(inv, device=w.device)]
+            w = w[torch.tensor(inverse_permutation(order), device=w.device)]
         return w
 
     def packed_nk(self, dtype=None) -> torch.Tensor:
@@ -209,6 +206,13 @@ class SwitchableLinear(_PackedWeight):
     @property
     def bits(self) -> int:
         return self.expert_bits[0]
+
+
+def inverse_permutation(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for pos, e in enumerate(perm):
+        inv[e] = pos
+    return inv
 
 
 @functools.cache
