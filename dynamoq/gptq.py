@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from . import adapters
 from .calibration import collecting, collecting_linears, input_device
-from .packing import QuantizationError, dequantize
+from .packing import QuantizationError
 
 MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
 
@@ -105,21 +105,6 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
     if single:
         return codes[0], scale[0], zero[0], used[0]
     return codes, scale, zero, used
-
-
-def cache_targets(w_nk: torch.Tensor, q_nk: torch.Tensor, hessian: torch.Tensor, cols: torch.Tensor,
-                  damp: float = 0.01) -> torch.Tensor:
-    """What the switching cache keeps of a GPTQ-quantized expert: for the cached input columns C, the
-    values that minimise the output error ||(W - Q') X||^2 when only those columns may move from the
-    quantized Q, i.e. Q_C + R H[:, C] H[C, C]^-1 with the residual R = W - Q and H = X^T X.
-    (The raw weight is not it: GPTQ pushed each column's rounding error onto the columns after it, so
-    those rely on the quantized column.) w_nk, q_nk [N, K], hessian [K, K], cols [r] -> [N, r]."""
-    h = hessian.double()
-    hcc = h[cols][:, cols]
-    hcc = hcc + damp * hcc.diagonal().mean().clamp(min=1e-12) * torch.eye(len(cols), dtype=h.dtype)
-    r = (w_nk.double() - q_nk.double())                                                   # [N, K]
-    delta = torch.linalg.solve(hcc, (r @ h[:, cols]).T).T                                  # [N, r]
-    return (q_nk.double()[:, cols] + delta).float()
 
 
 class _Stop(Exception):
@@ -219,21 +204,14 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                         report["fallback_rtn"].append(f"{t.fqn}[{e}]")
                         continue
                     solve.append(e)
-                w_fp = None
                 if solve:
                     c, s_, z, used = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
                                           [t.bits[e] for e in solve], group_size, damp, act_order)
                     codes[solve], scale[solve], zero[solve] = c, s_, z
-                    if t.cache_idx is not None:     # the switching cache: least-squares targets (cache_targets)
-                        w_fp = w_nk.clone()
-                        for e, hess in zip(solve, hessians):
-                            cols = t.cache_idx[e]
-                            q = dequantize(codes[e], scale[e], zero[e])
-                            w_fp[e][:, cols] = cache_targets(w_nk[e], q, hess.cpu(), cols, damp)
                     for e, d in zip(solve, used):
                         if d != damp:
                             report["damping"][f"{t.fqn}[{e}]"] = d
-                t.apply(group_size, codes=(codes, scale, zero), w_fp=w_fp)
+                t.apply(group_size, codes=(codes, scale, zero))
             del stats, hook, hooks
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:

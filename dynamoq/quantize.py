@@ -41,15 +41,13 @@ class Target:
             raise QuantizationError(f"{self.fqn}: {len(self.bits)} bit-widths for {rows} experts")
         check_group(w.shape[-2] if self.transposed else w.shape[-1], group_size, self.fqn)
 
-    def apply(self, group_size: int, codes=None, w_fp=None) -> None:
-        """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer; w_fp
-        [E, N, K]: the values the switching cache keeps (default: the weight itself)."""
+    def apply(self, group_size: int, codes=None) -> None:
+        """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer."""
         w = self.weight.data
         if codes is not None:       # [E, N, K] ([1, N, K] for a 2D weight)
             w_nk = w.transpose(-1, -2) if self.transposed else w
             cls = DynaMoExperts if w.ndim == 3 else SwitchableLinear
-            q = cls.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx,
-                               w_nk if w_fp is None else w_fp)
+            q = cls.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx, w_nk)
         elif w.ndim == 3:
             q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed, self.cache_idx)
         else:
