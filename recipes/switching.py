@@ -24,7 +24,7 @@ def main():
     p.add_argument("--gen-tokens", type=int, default=1024, help="generation length the switch time is compared with")
     p.add_argument("--decode-steps", type=int, default=128, help="greedy steps timed for the decode rate")
     p.add_argument("--policies", nargs="+", default=["paper", "raise"], choices=["paper", "raise"])
-    p.add_argument("--quantizer", default="rtn", help="rtn (default) or gptq: see the note in the results on GPTQ")
+    p.add_argument("--quantizer", default="rtn", help="rtn (default) or gptq (the cache re-quantizes raw weight columns, which fights GPTQ error feedback)")
     args = p.parse_args()
     path, model, tok = load(args)
     domains = args.domains or dynamoq.data.domains()
