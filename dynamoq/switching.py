@@ -97,7 +97,7 @@ def _requantize(w: DynaMoExperts, e: int, bits: int) -> torch.Tensor:
     fp = w.cache_fp[e].float()                                                        # [N, r]
     r = fp.shape[-1]
     live = dequantize(*quantize_rtn(_pad8(fp), bits, _pad8(fp).shape[-1]))[:, :r]
-    packed = w.packed_nk(torch.float32)[e].gather(-1, w.cache_idx[e][None, :].expand(fp.shape[0], -1))
+    packed = w.packed_expert_nk(e).gather(-1, w.cache_idx[e][None, :].expand(fp.shape[0], -1))
     return (live - packed).to(w.cache_delta.dtype)
 
 

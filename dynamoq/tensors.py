@@ -147,6 +147,12 @@ class _PackedWeight(TorchAOBaseTensor):
             return self.dequantize_nk(dtype)
         return replace_cache(self, None).dequantize_nk(dtype)
 
+    def packed_expert_nk(self, e: int, dtype=torch.float32) -> torch.Tensor:
+        """[N, K] of expert e's packed codes alone (no switching correction): one expert dequantized."""
+        b, slot = self._slots()[e]
+        return packing.dequantize_packed(getattr(self, f"q{b}")[slot], b, self.scale[e], self.zero[e],
+                                         self.group_size, dtype)
+
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The logical weight as a plain tensor."""
         w = self.dequantize_nk(dtype)
@@ -256,9 +262,7 @@ def _select(func, types, args, kwargs):
     if dim != 0:
         return func(self.dequantize(), dim, index)
     index = index % self.num_rows
-    b, slot = self._slots()[index]
-    w = packing.dequantize_packed(getattr(self, f"q{b}")[slot], b, self.scale[index], self.zero[index],
-                                  self.group_size, self.dtype)
+    w = self.packed_expert_nk(index, self.dtype)
     if self.cache_idx is not None:
         cols = self.cache_idx[index][None, :].expand(w.shape[0], -1)
         w = w.scatter_add(-1, cols, self.cache_delta[index].to(w.dtype))
