@@ -78,21 +78,29 @@ def pack(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return torch.cat(planes, dim=-1)
 
 
-def unpack(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """packed [..., K * bits // 8] uint8 -> codes [..., K] int32."""
+def _unpack_runs(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """packed [..., K * b / 8] -> codes [..., G, J, L] int32 (J = g / L runs of L inputs per group; run j
+    of a plane with c codes per byte is part j % c of chunk j // c). The innermost L is contiguous in
+    every load and store, so Inductor vectorizes it."""
+    lead = packed.shape[:-1]
     k = packed.shape[-1] * 8 // bits
     lane = lanes(group_size)
     code, start = None, 0
     for offset, width in PLANES[bits]:
-        n = k * width // 8
         c = 8 // width
-        plane = packed[..., start:start + n].to(torch.int32).view(*packed.shape[:-1], -1, 1, lane)  # [..., H, 1, L]
+        n = k * width // 8
+        plane = packed[..., start:start + n].view(*lead, k // group_size, -1, 1, lane).to(torch.int32)  # [..., G, H, 1, L]
         start += n
         shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device).view(c, 1)
-        v = ((plane >> shifts) & ((1 << width) - 1)).flatten(-3)                         # [..., K]
+        v = ((plane >> shifts) & ((1 << width) - 1)).flatten(-3, -2)                       # [..., G, J, L]
         v = v << offset if offset else v
         code = v if code is None else code | v
     return code
+
+
+def unpack(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """packed [..., K * bits // 8] uint8 -> codes [..., K] int32."""
+    return _unpack_runs(packed, bits, group_size).flatten(-3)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
@@ -118,26 +126,13 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 def dequantize_packed(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
                       group_size: int, dtype=torch.float32) -> torch.Tensor:
-    """unpack + dequantize in one expression whose loops follow the layout: packed [..., N, K * b / 8],
-    scale/zero [..., N, G] -> weights [..., N, K], computed as [..., N, G, J, L] (J = g / L runs of L
-    inputs; run j of a plane with c codes per byte is part j % c of chunk j // c). The innermost L is
-    contiguous in every load and store, so Inductor vectorizes it; the final view is free."""
-    lead, g = packed.shape[:-1], scale.shape[-1]
-    lane = lanes(group_size)
-    code, start = None, 0
-    for offset, width in PLANES[bits]:
-        c = 8 // width
-        n = g * group_size * width // 8
-        plane = packed[..., start:start + n].view(*lead, g, -1, 1, lane).to(torch.int32)   # [..., G, H, 1, L]
-        start += n
-        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device).view(c, 1)
-        v = ((plane >> shifts) & ((1 << width) - 1)).view(*lead, g, -1, lane)              # [..., G, J, L]
-        v = v << offset if offset else v
-        code = v if code is None else code | v
+    """unpack + dequantize in one expression whose loops follow the layout ([..., N, G, J, L]):
+    packed [..., N, K * b / 8], scale/zero [..., N, G] -> weights [..., N, K]."""
+    code = _unpack_runs(packed, bits, group_size)
     w = ((code.float() - zero[..., None, None].float()) * scale[..., None, None].float()).to(dtype)
     # a buffer of its own in this shape (Inductor would otherwise index it through the flat view below,
     # with divisions that defeat vectorization), then the free view
-    return w.as_strided(w.shape, w.stride()).view(*lead, g * group_size)
+    return w.as_strided(w.shape, w.stride()).flatten(-3)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -141,12 +141,6 @@ class _PackedWeight(TorchAOBaseTensor):
             w = w[torch.tensor(inverse_permutation(order), device=w.device)]
         return w
 
-    def packed_nk(self, dtype=None) -> torch.Tensor:
-        """[E, N, K] of the packed codes alone, without the switching correction."""
-        if self.cache_idx is None:
-            return self.dequantize_nk(dtype)
-        return replace_cache(self, None).dequantize_nk(dtype)
-
     def packed_expert_nk(self, e: int, dtype=torch.float32) -> torch.Tensor:
         """[N, K] of expert e's packed codes alone (no switching correction): one expert dequantized."""
         b, slot = self._slots()[e]
