@@ -101,6 +101,17 @@ def _requantize(w: DynaMoExperts, e: int, bits: int) -> torch.Tensor:
     return (live - packed).to(w.cache_delta.dtype)
 
 
+def _column_energy(w: DynaMoExperts) -> torch.Tensor:
+    """col2 [E, K] of the packed codes (the baseline state), computed once per weight object: the
+    codes never change after quantization, only the cache does, so a switch dequantizes no expert
+    for it."""
+    col2 = w.__dict__.get("_col2")
+    if col2 is None:
+        col2 = torch.stack([significance.column_energy(w.packed_expert_nk(e)) for e in range(w.num_rows)])
+        w.__dict__["_col2"] = col2
+    return col2
+
+
 def _pad8(x):   # quantize_rtn groups need a multiple of 8: repeat the last column (same range)
     r = x.shape[-1]
     pad = (-r) % 8
@@ -111,9 +122,10 @@ def _pad8(x):   # quantize_rtn groups need a multiple of 8: repeat the last colu
 def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 256, policy: str = "paper",
            progress: bool = False) -> dict:
     """Adapt a quantized model to new data: returns {"changed": {layer: {expert: [old, new]}},
-    "seconds", "estimate_seconds" (the calibration pass over the sample), "switch_seconds"
-    (re-clustering, re-quantizing the cached columns and writing them), "tokens"}. policy="paper": cached columns move up or down with the new
-    level; "raise": only up."""
+    "seconds", "estimate_seconds" (the calibration pass over the sample; the first call also
+    computes the weights' column energies), "switch_seconds" (re-clustering, re-quantizing the
+    cached columns and writing them), "tokens"}. policy="paper": cached columns move up or down
+    with the new level; "raise": only up."""
     from .data import token_windows
     t0 = time.perf_counter()
     cached = list(_cached(model))
@@ -123,13 +135,14 @@ def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 2
     windows = token_windows(data, tokenizer, seq_len=None if isinstance(data, torch.Tensor) else seq_len,
                             max_tokens=max_tokens)
     stats = calibrate(model, windows, batch_size=8, desc="adapting", progress=progress)
-    t1 = time.perf_counter()
     blocks = {b.layer: b for b, _, _ in cached}
+    col2 = {layer: [_column_energy(getattr(block.experts, p.name)) for p in block.projections]
+            for layer, block in blocks.items()}             # once per model: the first adapt_ pays it
+    t1 = time.perf_counter()
     updates, changed = [], {}
     for layer, block in blocks.items():
         ws = [getattr(block.experts, p.name) for p in block.projections]
-        col2 = [significance.column_energy(w.dequantize_nk(torch.float32)) for w in ws]
-        sig = significance.expert_significance(stats[layer].wx2, col2)
+        sig = significance.expert_significance(stats[layer].wx2, col2[layer])
         new = fuzzy_bits(sig)
         for w in ws:
             if not isinstance(w, DynaMoExperts) or w.cache_idx is None:

@@ -74,6 +74,28 @@ def test_adapt_changes_only_cached_channels_and_revert_restores_exactly(setup):
     assert torch.equal(m(x).logits, before_y)
 
 
+def test_a_switch_dequantizes_no_whole_projection(setup, monkeypatch):
+    """Column energies come from the packed codes once per weight; a switch re-quantizes only the
+    changed experts' cached columns (a whole-projection dequantize made a switch take a minute)."""
+    from dynamoq.significance import column_energy
+    from dynamoq.switching import _column_energy
+    m, _ = setup
+    dynamoq.revert_(m)
+    ws = [getattr(b.experts, p.name) for b in dynamoq.moe_blocks(m) for p in b.projections]
+    for w in ws:
+        assert torch.allclose(_column_energy(w), column_energy(w.dequantize_nk(torch.float32)), rtol=1e-5)
+
+    from dynamoq import switching
+    stats = switching.calibrate(m, _domain(m, 100, 128, seed=3), batch_size=8, progress=False)
+
+    def whole(*a, **k):
+        raise AssertionError("a switch dequantized a whole projection")
+    monkeypatch.setattr(switching, "calibrate", lambda *a, **k: stats)     # the estimation pass is not the switch
+    monkeypatch.setattr(type(ws[0]), "dequantize_nk", whole)
+    assert dynamoq.adapt_(m, _domain(m, 100, 128, seed=3))["changed"]
+    dynamoq.revert_(m)
+
+
 def test_compiled_model_adapts_without_recompiling(setup):
     m, _ = setup
     x = _domain(m, 100, 128, n=1, t=1, seed=9)
