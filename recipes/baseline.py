@@ -3,13 +3,16 @@ reference model. Calibrate on 3 domains, evaluate on every domain's test split.
 
     python recipes/baseline.py                 # full run (real reference model)
     python recipes/baseline.py --model tiny --eval-tokens 1024 --calib-tokens 1024 --name baseline_smoke
+    python recipes/baseline.py --rows frequency   # one row again, merged into the stored results
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import torch
-from _common import CALIB, evaluate, fmt_ppl, fresh, load, parser, texts, write
+from _common import CALIB, RESULTS, evaluate, fmt_ppl, fresh, load, parser, texts, write
 
 import dynamoq
 from dynamoq import DynaMoConfig
@@ -20,10 +23,28 @@ def zero_shot(model, tok, items) -> float:
     return dynamoq.eval.multiple_choice(model, tok, items, progress=False).accuracy
 
 
+def merge_base(args) -> dict:
+    """Rows stored by an earlier run with the same measurement settings ({} if none)."""
+    f = RESULTS / f"{args.name or 'baseline'}.json"
+    if not f.exists():
+        return {}
+    old = json.loads(f.read_text())
+    same = ("model", "eval_tokens", "calib_tokens", "seq_len", "group_size", "domains", "target_bits")
+    differ = [k for k in same if old["args"].get(k) != vars(args)[k]]
+    if differ:
+        raise SystemExit(f"{f} was measured with other settings ({', '.join(differ)}): run every row "
+                         f"(without --rows) or pass the same settings")
+    for r in old["rows"].values():
+        r.setdefault("command", old["command"])
+    return old["rows"]
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--target-bits", type=float, default=3.0)
-    p.add_argument("--rows", nargs="*", default=None)
+    p.add_argument("--rows", nargs="*", default=None,
+                   help="measure only the rows whose names contain these words and merge them into the stored "
+                        "results (which must come from the same settings)")
     args = p.parse_args()
     path, fp, tok = load(args)
     domains = args.domains or dynamoq.data.domains()
@@ -50,12 +71,18 @@ def main():
         f"frequency-only {args.target_bits} (ablation)": DynaMoConfig(
             analysis=analysis, allocation="frequency", target_bits=args.target_bits, quantizer="gptq", **common),
     }
+    order = list(rows)
+    stored = {}
     if args.rows:
-        rows = {k: v for k, v in rows.items() if k == "FP" or any(r.lower() in k.lower() for r in args.rows)}
-    results = {}
+        stored = merge_base(args)
+        rows = {k: v for k, v in rows.items()
+                if (k == "FP" and "FP" not in stored) or any(r.lower() in k.lower() for r in args.rows)}
+    command = " ".join(["baseline.py"] + sys.argv[1:])
+    measured = {}
 
-    def finish(complete: bool) -> None:
+    def finish() -> None:
         """Tables and files from the rows measured so far (after every row: a stopped run keeps them)."""
+        results = {k: measured.get(k) or stored[k] for k in order if k in measured or k in stored}
         fp_ppl = {d: r["ppl"] for d, r in results["FP"]["domains"].items()}
         g3 = results.get("GPTQ 3-bit")
         for name, r in results.items():
@@ -81,10 +108,15 @@ def main():
             f"recovered. Calibration domains: {', '.join(CALIB)} ({args.calib_tokens} tokens each; analysis "
             f"{analysis_seconds:.0f} s); held out: {', '.join(held_out)}. Group size {g}; storage bits count codes, "
             f"float16 scales and uint8 zeros. Zero-shot: true continuation among 4 (100 items from all test splits).")
-        write(args.name or "baseline", {"args": vars(args), "complete": complete, "analysis_seconds": analysis_seconds,
-                                        "calibration": CALIB, "held_out": held_out, "rows": results}, table)
-
-
+        by = {}
+        for name, r in results.items():
+            by.setdefault(r.get("command", "an earlier run"), []).append(name)
+        if len(by) > 1:
+            table += "\n\nRows measured by separate runs with the same settings: " + "; ".join(
+                f"`{c}`: {', '.join(names)}" for c, names in by.items()) + "."
+        write(args.name or "baseline", {"args": vars(args), "complete": list(results) == order,
+                                        "analysis_seconds": analysis_seconds, "calibration": CALIB,
+                                        "held_out": held_out, "rows": results}, table)
 
     for name, cfg in rows.items():
         model = fresh(path)
@@ -94,14 +126,13 @@ def main():
             dynamoq.quantize_(model, cfg)
             seconds = time.perf_counter() - t0
             rep = dynamoq.bits_report(model, analysis)
-        results[name] = {"domains": evaluate(model, tok, domains, args, reference=fp if cfg else None),
-                         "zero_shot": zero_shot(model, tok, items), "quantize_seconds": seconds,
-                         "storage_bits": rep and rep["storage_bits"], "usage_bits": rep and rep["usage_bits"],
-                         "experts": rep and rep["experts"]}
-        print(name, {d: round(r["ppl"], 3) for d, r in results[name]["domains"].items()}, flush=True)
-        if "FP" in results:
-            finish(False)
-    finish(True)
+        measured[name] = {"domains": evaluate(model, tok, domains, args, reference=fp if cfg else None),
+                          "zero_shot": zero_shot(model, tok, items), "quantize_seconds": seconds,
+                          "storage_bits": rep and rep["storage_bits"], "usage_bits": rep and rep["usage_bits"],
+                          "experts": rep and rep["experts"], "command": command}
+        print(name, {d: round(r["ppl"], 3) for d, r in measured[name]["domains"].items()}, flush=True)
+        if "FP" in measured or "FP" in stored:
+            finish()
 
 
 if __name__ == "__main__":
