@@ -91,25 +91,28 @@ def _cached(model):
                 yield block, p, w
 
 
+def _baseline(w: DynaMoExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(col2 [E, K] column energies, cols [E, N, r] values of the cached columns) of the packed codes,
+    the baseline state: computed once per weight object (one expert dequantized at a time), since the
+    codes never change after quantization, only the cache does. A switch then dequantizes nothing."""
+    memo = w.__dict__.get("_dynamoq_baseline")
+    if memo is None:
+        col2, cols = [], []
+        for e in range(w.num_rows):
+            we = w.packed_expert_nk(e)                                                # [N, K]
+            col2.append(significance.column_energy(we))
+            cols.append(we.gather(-1, w.cache_idx[e][None, :].expand(we.shape[0], -1)))
+        memo = w.__dict__["_dynamoq_baseline"] = (torch.stack(col2), torch.stack(cols))
+    return memo
+
+
 def _requantize(w: DynaMoExperts, e: int, bits: int) -> torch.Tensor:
     """Correction for expert e's cached columns at `bits`: their columns re-quantized (one group of
     r channels per output row) minus the packed columns."""
     fp = w.cache_fp[e].float()                                                        # [N, r]
     r = fp.shape[-1]
     live = dequantize(*quantize_rtn(_pad8(fp), bits, _pad8(fp).shape[-1]))[:, :r]
-    packed = w.packed_expert_nk(e).gather(-1, w.cache_idx[e][None, :].expand(fp.shape[0], -1))
-    return (live - packed).to(w.cache_delta.dtype)
-
-
-def _column_energy(w: DynaMoExperts) -> torch.Tensor:
-    """col2 [E, K] of the packed codes (the baseline state), computed once per weight object: the
-    codes never change after quantization, only the cache does, so a switch dequantizes no expert
-    for it."""
-    col2 = w.__dict__.get("_col2")
-    if col2 is None:
-        col2 = torch.stack([significance.column_energy(w.packed_expert_nk(e)) for e in range(w.num_rows)])
-        w.__dict__["_col2"] = col2
-    return col2
+    return (live - _baseline(w)[1][e]).to(w.cache_delta.dtype)
 
 
 def _pad8(x):   # quantize_rtn groups need a multiple of 8: repeat the last column (same range)
@@ -123,7 +126,7 @@ def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 2
            progress: bool = False) -> dict:
     """Adapt a quantized model to new data: returns {"changed": {layer: {expert: [old, new]}},
     "seconds", "estimate_seconds" (the calibration pass over the sample; the first call also
-    computes the weights' column energies), "switch_seconds" (re-clustering, re-quantizing the
+    computes the baseline values _baseline keeps), "switch_seconds" (re-clustering, re-quantizing the
     cached columns and writing them), "tokens"}. policy="paper": cached columns move up or down
     with the new level; "raise": only up."""
     from .data import token_windows
@@ -136,7 +139,7 @@ def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 2
                             max_tokens=max_tokens)
     stats = calibrate(model, windows, batch_size=8, desc="adapting", progress=progress)
     blocks = {b.layer: b for b, _, _ in cached}
-    col2 = {layer: [_column_energy(getattr(block.experts, p.name)) for p in block.projections]
+    col2 = {layer: [_baseline(getattr(block.experts, p.name))[0] for p in block.projections]
             for layer, block in blocks.items()}             # once per model: the first adapt_ pays it
     t1 = time.perf_counter()
     updates, changed = [], {}

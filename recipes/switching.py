@@ -56,6 +56,7 @@ def main():
                    seq_len=args.seq_len, policy=args.policies[0])
     rate_switched, _ = decode_rate(model, prompt, args.decode_steps)
     dynamoq.revert_(model)
+    rate_reverted, _ = decode_rate(model, prompt, args.decode_steps)     # the machine's drift over the three
     gen_seconds = args.gen_tokens / rate_base
     runs = [r[pol] for r in rows.values() for pol in args.policies]
     mean_switch = sum(r["switch_seconds"] for r in runs) / max(len(runs), 1)
@@ -79,12 +80,14 @@ def main():
         f"(re-cluster, re-quantize cached columns, write them) {mean_switch:.3f} s = "
         f"{100 * mean_switch / gen_seconds:.2f}% of generating {args.gen_tokens} tokens ({gen_seconds:.1f} s at the "
         f"median rate of {args.decode_steps} greedy steps, {rate_base:.2f} tokens/s, compiled decode step, static cache, "
-        f"prompt excluded, {args.threads} threads; in a switched state {rate_switched:.2f} tokens/s); with the "
+        f"prompt excluded, {args.threads} threads; in a switched state {rate_switched:.2f} tokens/s, after the "
+        f"revert {rate_reverted:.2f}); with the "
         f"estimation pass over the {args.adapt_tokens}-token sample "
         f"{mean_adapt:.2f} s = {100 * mean_adapt / gen_seconds:.1f}% (the paper: 7.7-10.7% of online time).")
     write(args.name or "switching", {"args": vars(args), "bits": rep, "base": base, "held_out": rows,
                                      "reverted": reverted, "generate_seconds": gen_seconds,
                                      "decode_tokens_per_s": rate_base, "decode_tokens_per_s_switched": rate_switched,
+                                     "decode_tokens_per_s_reverted": rate_reverted,
                                      "switch_share": mean_switch / gen_seconds,
                                      "adapt_share": mean_adapt / gen_seconds}, table)
 

@@ -74,24 +74,29 @@ def test_adapt_changes_only_cached_channels_and_revert_restores_exactly(setup):
     assert torch.equal(m(x).logits, before_y)
 
 
-def test_a_switch_dequantizes_no_whole_projection(setup, monkeypatch):
-    """Column energies come from the packed codes once per weight; a switch re-quantizes only the
-    changed experts' cached columns (a whole-projection dequantize made a switch take a minute)."""
+def test_a_switch_dequantizes_nothing(setup, monkeypatch):
+    """Column energies and cached columns' packed values come from the codes once per weight; a switch
+    re-quantizes only the changed experts' cached columns and dequantizes nothing (dequantizing whole
+    projections made a switch take a minute)."""
     from dynamoq.significance import column_energy
-    from dynamoq.switching import _column_energy
+    from dynamoq.switching import _baseline
     m, _ = setup
     dynamoq.revert_(m)
     ws = [getattr(b.experts, p.name) for b in dynamoq.moe_blocks(m) for p in b.projections]
     for w in ws:
-        assert torch.allclose(_column_energy(w), column_energy(w.dequantize_nk(torch.float32)), rtol=1e-5)
+        full = w.dequantize_nk(torch.float32)                                     # [E, N, K]
+        col2, cols = _baseline(w)
+        assert torch.allclose(col2, column_energy(full), rtol=1e-5)
+        assert torch.equal(cols, full.gather(-1, w.cache_idx[:, None, :].expand(-1, full.shape[1], -1)))
 
     from dynamoq import switching
     stats = switching.calibrate(m, _domain(m, 100, 128, seed=3), batch_size=8, progress=False)
 
     def whole(*a, **k):
-        raise AssertionError("a switch dequantized a whole projection")
+        raise AssertionError("a switch dequantized packed weights")
     monkeypatch.setattr(switching, "calibrate", lambda *a, **k: stats)     # the estimation pass is not the switch
     monkeypatch.setattr(type(ws[0]), "dequantize_nk", whole)
+    monkeypatch.setattr(type(ws[0]), "packed_expert_nk", whole)
     assert dynamoq.adapt_(m, _domain(m, 100, 128, seed=3))["changed"]
     dynamoq.revert_(m)
 
