@@ -91,18 +91,20 @@ def _cached(model):
                 yield block, p, w
 
 
-def _baseline(w: DynaMoExperts) -> tuple[torch.Tensor, torch.Tensor]:
-    """(col2 [E, K] column energies, cols [E, N, r] values of the cached columns) of the packed codes,
-    the baseline state: computed once per weight object (one expert dequantized at a time), since the
-    codes never change after quantization, only the cache does. A switch then dequantizes nothing."""
+def _baseline(w: DynaMoExperts) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(col2 [E, K] column energies, cols [E, N, r] values of the cached columns, None without a
+    cache) of the packed codes, the baseline state. Computed once per weight object, one expert
+    dequantized at a time: the codes never change after quantization, only the cache does, so a
+    switch dequantizes nothing."""
     memo = w.__dict__.get("_dynamoq_baseline")
     if memo is None:
         col2, cols = [], []
         for e in range(w.num_rows):
             we = w.packed_expert_nk(e)                                                # [N, K]
             col2.append(significance.column_energy(we))
-            cols.append(we.gather(-1, w.cache_idx[e][None, :].expand(we.shape[0], -1)))
-        memo = w.__dict__["_dynamoq_baseline"] = (torch.stack(col2), torch.stack(cols))
+            if w.cache_idx is not None:
+                cols.append(we.gather(-1, w.cache_idx[e][None, :].expand(we.shape[0], -1)))
+        memo = w.__dict__["_dynamoq_baseline"] = (torch.stack(col2), torch.stack(cols) if cols else None)
     return memo
 
 
