@@ -124,15 +124,24 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return q.clamp(0, qmax).flatten(-2).to(torch.int32)
 
 
+def dequantize_runs(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
+                    group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """unpack + dequantize in one expression whose loops follow the layout:
+    packed [..., N, K * b / 8], scale/zero [..., N, G] -> weights [..., N, G, J, L] (flat_runs: [..., N, K])."""
+    code = _unpack_runs(packed, bits, group_size)
+    return ((code.float() - zero[..., None, None].float()) * scale[..., None, None].float()).to(dtype)
+
+
+def flat_runs(w: torch.Tensor) -> torch.Tensor:
+    """[..., G, J, L] -> [..., K]: first a buffer of its own in the runs' shape (Inductor would otherwise
+    index the dequantization through the flat view, with divisions that defeat vectorization)."""
+    return w.as_strided(w.shape, w.stride()).flatten(-3)
+
+
 def dequantize_packed(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
                       group_size: int, dtype=torch.float32) -> torch.Tensor:
-    """unpack + dequantize in one expression whose loops follow the layout ([..., N, G, J, L]):
-    packed [..., N, K * b / 8], scale/zero [..., N, G] -> weights [..., N, K]."""
-    code = _unpack_runs(packed, bits, group_size)
-    w = ((code.float() - zero[..., None, None].float()) * scale[..., None, None].float()).to(dtype)
-    # a buffer of its own in this shape (Inductor would otherwise index it through the flat view below,
-    # with divisions that defeat vectorization), then the free view
-    return w.as_strided(w.shape, w.stride()).flatten(-3)
+    """packed [..., N, K * b / 8], scale/zero [..., N, G] -> weights [..., N, K]."""
+    return flat_runs(dequantize_runs(packed, bits, scale, zero, group_size, dtype))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

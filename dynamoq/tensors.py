@@ -126,10 +126,11 @@ class _PackedWeight(TorchAOBaseTensor):
         groups, order = [], []
         for b in sorted(set(self.expert_bits)):
             idx = [e for e, eb in enumerate(self.expert_bits) if eb == b]
-            groups.append(packing.dequantize_packed(getattr(self, f"q{b}"), b, self.scale[idx], self.zero[idx],
-                                                    self.group_size, dtype or self.dtype))
+            groups.append(packing.dequantize_runs(getattr(self, f"q{b}"), b, self.scale[idx], self.zero[idx],
+                                                  self.group_size, dtype or self.dtype))         # [E_b, N, G, J, L]
             order += idx
-        w = torch.cat(groups) if len(groups) > 1 else groups[0]
+        # one buffer for all widths: each width's expression writes its slice of it (no copy)
+        w = packing.flat_runs(torch.cat(groups) if len(groups) > 1 else groups[0])
         moved = order != sorted(order)
         if self.cache_idx is not None:
             pick = (lambda t: t[order]) if moved else (lambda t: t)  # noqa: E731
