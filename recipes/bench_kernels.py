@@ -10,6 +10,10 @@ end-to-end decode of the real reference model (dynamoq.models.reference("real"))
     python recipes/bench_kernels.py --quick               # small shapes, a smoke run
     python recipes/bench_kernels.py --shapes olmoe --threads 1 --tokens 1 --no-e2e
     python recipes/bench_kernels.py --device cuda --name kernels_gpu   # one command on a GPU (Triton via Inductor)
+    python recipes/bench_kernels.py --shapes --name kernels_cpu_e2e    # end to end only
+
+Leave OMP_WAIT_POLICY unset: with PASSIVE, every parallel region wakes sleeping threads, and the
+many small kernels of a decode step at 2 threads ran 6.6x slower (24.1 -> 3.66 tokens/s end to end).
 
 Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are random (N(0, 0.02)):
 speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation (torchao rows: over bf16 timed beside them, after a dynamo reset);
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import random
 import statistics
@@ -283,7 +288,7 @@ def e2e(args, notes) -> list[dict]:
 # ---- report -------------------------------------------------------------------------------------
 def table(rows, e2e_rows, notes, args) -> str:
     lines = ["| shape | threads | tokens | variant | ms | tokens/s | speedup vs bf16 | eff. bits | "
-             "MB read / token | of memory-bound limit |", "|" + "---|" * 10]
+             "MB read / token | of memory-bound limit |", "|" + "---|" * 10] if rows else []
     for r in rows:
         lines.append(f"| {r['shape']} | {r['threads']} | {r['tokens']} | {r['variant']} | {r['ms']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['effective_bits']:.2f} | "
@@ -327,7 +332,8 @@ def main():
     rows, notes, e2e_rows = [], [], []
     command = "python recipes/bench_kernels.py " + " ".join(sys.argv[1:])
     machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if DEVICE.type == "cuda" else
-               f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}")
+               f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+               + "".join(f", {v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if v in os.environ))
 
     def write(done: bool) -> None:
         """Results so far (after every measured size, so a run killed midway leaves what it measured)."""
