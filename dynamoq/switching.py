@@ -113,7 +113,8 @@ def _requantize(w: DynaMoExperts, e: int, bits: int) -> torch.Tensor:
     r channels per output row) minus the packed columns."""
     fp = w.cache_fp[e].float()                                                        # [N, r]
     r = fp.shape[-1]
-    live = dequantize(*quantize_rtn(_pad8(fp), bits, _pad8(fp).shape[-1]))[:, :r]
+    padded = _pad8(fp)
+    live = dequantize(*quantize_rtn(padded, bits, padded.shape[-1]))[:, :r]
     return (live - _baseline(w)[1][e]).to(w.cache_delta.dtype)
 
 
@@ -140,13 +141,11 @@ def adapt_(model, data, tokenizer=None, max_tokens: int = 4096, seq_len: int = 2
     windows = token_windows(data, tokenizer, seq_len=None if isinstance(data, torch.Tensor) else seq_len,
                             max_tokens=max_tokens)
     stats = calibrate(model, windows, batch_size=8, desc="adapting", progress=progress)
-    blocks = {b.layer: b for b, _, _ in cached}
-    col2 = {layer: [_baseline(getattr(block.experts, p.name))[0] for p in block.projections]
-            for layer, block in blocks.items()}             # once per model: the first adapt_ pays it
+    weights = {b.layer: [getattr(b.experts, p.name) for p in b.projections] for b, _, _ in cached}
+    col2 = {layer: [_baseline(w)[0] for w in ws] for layer, ws in weights.items()}   # the first adapt_ pays it
     t1 = time.perf_counter()
     updates, changed = [], {}
-    for layer, block in blocks.items():
-        ws = [getattr(block.experts, p.name) for p in block.projections]
+    for layer, ws in weights.items():
         sig = significance.expert_significance(stats[layer].wx2, col2[layer])
         new = fuzzy_bits(sig)
         for w in ws:

@@ -226,13 +226,6 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def replace_cache(t: _PackedWeight, cache: dict | None) -> _PackedWeight:
-    """The same packed weight with another switching cache (None: without one)."""
-    names = {n: getattr(t, n) for n in _CODE_NAMES}
-    names.update(cache or {})
-    return type(t)(t.scale, t.zero, t.expert_bits, t.group_size, t.transposed, t.dtype, **names)
-
-
 # ---- ops ----------------------------------------------------------------------------------------
 def _plain(x):
     return x.dequantize() if isinstance(x, _PackedWeight) else x

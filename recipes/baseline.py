@@ -110,7 +110,7 @@ def main():
             f"float16 scales and uint8 zeros. Zero-shot: true continuation among 4 (100 items from all test splits).")
         by = {}
         for name, r in results.items():
-            by.setdefault(r.get("command", "an earlier run"), []).append(name)
+            by.setdefault(r["command"], []).append(name)
         if len(by) > 1:
             table += "\n\nRows measured by separate runs with the same settings: " + "; ".join(
                 f"`{c}`: {', '.join(names)}" for c, names in by.items()) + "."
