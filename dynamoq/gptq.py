@@ -4,14 +4,18 @@ Hessian of the tokens routed to that expert. Runs decoder layer by layer, so at 
 Hessians are held, and each layer is calibrated on the outputs of the already-quantized layers."""
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from . import adapters
 from .calibration import collecting, collecting_linears, input_device
 from .packing import QuantizationError
+from .tensors import dequantized_once
 
 MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
+BLOCK = 32        # columns updated element-wise per column; the rest by one matrix product per block
 
 
 def _group_grid(w: torch.Tensor, qmax: torch.Tensor):
@@ -23,7 +27,9 @@ def _group_grid(w: torch.Tensor, qmax: torch.Tensor):
 
 
 def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
-    """Upper Cholesky factor of the damped inverse Hessian, h [B, K, K] -> (u [B, K, K], damping [B]).
+    """Upper triangular u with u^T u = (h + damping)^-1, h [B, K, K] -> (u [B, K, K], damping [B]).
+    One Cholesky factorisation of the damped h with its indices reversed, J h J = M M^T (M lower),
+    gives h = R R^T with R = J M J upper, so u = R^-1: a triangular inverse, no inverse of h formed.
     A matrix that is not positive definite is retried alone with ten times the damping."""
     b, k = h.shape[0], h.shape[-1]
     eye = torch.eye(k, dtype=h.dtype)
@@ -35,14 +41,15 @@ def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
         if int(tries[todo].max()) >= max_retries:
             raise QuantizationError(f"the Hessian is not positive definite even with damping {damp * 10 ** max_retries}")
         d = damp * 10.0 ** tries[todo].to(h.dtype)
-        chol, info = torch.linalg.cholesky_ex(h[todo] + (d * mean_diag[todo])[:, None, None] * eye)
-        ok = info == 0
-        if ok.any():
-            uu, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol[ok]), upper=True)
-            ok_idx = ok.nonzero().flatten()
-            good = info2 == 0
-            u[todo[ok_idx[good]]] = uu[good]
-            ok[ok_idx[~good]] = False
+        hd = (h if len(todo) == b else h[todo]) + (d * mean_diag[todo])[:, None, None] * eye
+        m, info = torch.linalg.cholesky_ex(hd.flip(-2, -1))
+        r = m.flip(-2, -1)                                                             # [b', K, K] upper
+        uu = torch.linalg.solve_triangular(r, eye, upper=True)
+        ok = (info == 0) & uu.isfinite().flatten(1).all(-1)
+        if bool(ok.all()) and len(todo) == b:
+            u = uu
+        else:
+            u[todo[ok]] = uu[ok]
         tries[todo[~ok]] += 1
         todo = todo[~ok]
     return u, [damp * 10 ** int(t) for t in tries]
@@ -60,7 +67,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
     bits = [bits] * b if isinstance(bits, int) else list(bits)
     qmax = torch.tensor([(1 << x) - 1 for x in bits], dtype=torch.float32)[:, None]      # [B, 1]
     w = w.float().clone()
-    h = h.double().clone()
+    h = h.float().clone()
     dead = h.diagonal(dim1=-2, dim2=-1) == 0                                              # [B, K]
     h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     w.masked_fill_(dead[:, None, :], 0.0)
@@ -78,29 +85,33 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
         perm = torch.arange(k).expand(b, k)
     u, used = _inverse_factor(h, damp, max_retries)
     u = u.float()
-    codes = torch.zeros(b, n, k, dtype=torch.int32)
+    wt = w.transpose(1, 2).contiguous()                                                   # [B, K, N]: column k is row k
+    codes = torch.zeros(b, k, n, dtype=torch.int32)                                       # [B, K, N]
     scale = torch.zeros(b, n, ngroups) if static is None else static[0]
     zero = torch.zeros(b, n, ngroups) if static is None else static[1]
-    block = group_size * max(1, 128 // group_size)
+    # columns in blocks: inside one, every column's error updates the block's later columns; the
+    # columns after it are updated once per block by a matrix product. A block divides the group, so
+    # a group's grid is taken when its first column starts a block and the whole group is up to date.
+    block = math.gcd(group_size, BLOCK)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, :, i1:i2].clone()                                                       # [B, N, block]
-        err1 = torch.zeros_like(w1)
+        if static is None and i1 % group_size == 0:
+            s, z = _group_grid(wt[:, i1:i1 + group_size].transpose(1, 2), qmax)
+            scale[:, :, i1 // group_size], zero[:, :, i1 // group_size] = s, z
+        w1 = wt[:, i1:i2]                                                                 # [B, block, N], a view
+        err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
                 grp = perm[:, col] // group_size                                          # [B]
                 s, z = static[0][rows, :, grp], static[1][rows, :, grp]                   # [B, N]
-            elif col % group_size == 0:
-                s, z = _group_grid(w1[:, :, i:i + group_size], qmax)
-                scale[:, :, col // group_size], zero[:, :, col // group_size] = s, z
-            q = torch.minimum((w1[:, :, i] / s).round().add(z).clamp(min=0), qmax)
-            codes[:, :, col] = q.int()
-            e = (w1[:, :, i] - (q - z) * s) / u[:, col, col][:, None]                     # [B, N]
-            w1[:, :, i:] -= e[:, :, None] * u[:, None, col, i1 + i:i2]
-            err1[:, :, i] = e
-        w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
-    codes = codes.gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1))
+            q = torch.minimum((w1[:, i] / s).round().add(z).clamp(min=0), qmax)          # [B, N]
+            codes[:, col] = q
+            e = (w1[:, i] - (q - z) * s) / u[:, col, col][:, None]                        # [B, N]
+            w1[:, i + 1:] -= u[:, col, col + 1:i2, None] * e[:, None, :]
+            err1[:, i] = e
+        wt[:, i2:] -= u[:, i1:i2, i2:].transpose(1, 2) @ err1
+    codes = codes.transpose(1, 2).gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1))
     scale, zero = scale.half(), zero.to(torch.uint8)
     if single:
         return codes[0], scale[0], zero[0], used[0]
@@ -216,5 +227,6 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:
                 t.apply(group_size)
-        inputs = _run(layers[i], inputs)
+        with dequantized_once():
+            inputs = _run(layers[i], inputs)
     return report

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -227,8 +228,31 @@ def _code_hash() -> str:
 
 
 # ---- ops ----------------------------------------------------------------------------------------
+_ONCE: dict[int, tuple] | None = None
+
+
+@contextmanager
+def dequantized_once():
+    """Inside, an eager op on a packed weight dequantizes it once, not once per call: for passes that
+    run many batches through a few quantized modules (GPTQ's layer by layer replay). Every weight
+    dequantized inside is held until the block ends, so keep it around one layer's calls."""
+    global _ONCE
+    outer, _ONCE = _ONCE, {}
+    try:
+        yield
+    finally:
+        _ONCE = outer
+
+
 def _plain(x):
-    return x.dequantize() if isinstance(x, _PackedWeight) else x
+    if not isinstance(x, _PackedWeight):
+        return x
+    if _ONCE is None:
+        return x.dequantize()
+    hit = _ONCE.get(id(x))
+    if hit is None:
+        hit = _ONCE[id(x)] = (x, x.dequantize())     # x kept alive: its id is not reused meanwhile
+    return hit[1]
 
 
 def _to_copy(func, types, args, kwargs):

@@ -46,6 +46,23 @@ def test_select_and_index_see_the_dequantized_weights(transposed):
     assert torch.equal(t.transpose(-1, -2), deq.transpose(-1, -2))
 
 
+def test_dequantized_once_dequantizes_each_weight_once_inside_the_block(monkeypatch):
+    from dynamoq import tensors
+    _, t = _experts()
+    _, other = _experts()
+    calls = []
+    real = DynaMoExperts.dequantize
+    monkeypatch.setattr(DynaMoExperts, "dequantize", lambda self, *a: calls.append(self) or real(self, *a))
+    expected = real(t).transpose(-1, -2)
+    with tensors.dequantized_once():
+        for _ in range(3):
+            assert torch.equal(t.transpose(-1, -2), expected)
+        other.transpose(-1, -2)
+    assert [id(c) for c in calls] == [id(t), id(other)]
+    t.transpose(-1, -2)                      # outside the block: dequantized again, nothing kept
+    assert [id(c) for c in calls] == [id(t), id(other), id(t)] and tensors._ONCE is None
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_expert_linear_matches_a_dense_reference(transposed):
     _, t = _experts(transposed)
