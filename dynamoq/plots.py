@@ -131,7 +131,7 @@ def dynamics_summary(analysis, fraction: float = 0.01) -> dict:
 
 
 def dynamics(analysis, path, fraction: float = 0.01) -> str:
-    """Channel dynamics (across-dataset spread of channel significance, std of log S_ch): their
+    """Channel dynamics (across-dataset spread of each channel's share of its expert's significance): their
     distribution over all channels, and per layer the share of the total change carried by the
     top `fraction` (1%) most dynamic channels."""
     dyn = analysis.channel_dynamics()
@@ -147,7 +147,7 @@ def dynamics(analysis, path, fraction: float = 0.01) -> str:
     else:
         ax1.hist(flat.numpy(), bins=60, color="C0")
         ax1.set_yscale("log")
-        ax1.set_xlabel("channel dynamics (std over datasets of log S_ch)")
+        ax1.set_xlabel("channel dynamics (std over datasets of the share of S_ch)")
         ax1.set_ylabel("channels")
         cut = float(flat.topk(max(1, int(round(fraction * flat.numel())))).values.min())
         ax1.axvline(cut, color="C3", ls="--", lw=1, label=f"top {100 * fraction:g}%")

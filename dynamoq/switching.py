@@ -31,12 +31,14 @@ _LOCKS: dict[int, "_RWLock"] = {}
 
 def select_channels(analysis, layer: int, projection: int, fraction: float) -> torch.Tensor:
     """The most dynamic input channels of each expert [E, r], r = ceil(fraction * K): ranked by the
-    across-dataset spread of S_ch, ties (and a single dataset) broken by mean channel significance."""
+    across-dataset spread of their share of S_ch (significance.channel_dynamics), ties (and a single
+    dataset) broken by mean channel significance."""
     dyn = analysis.channel_dynamics()[layer][projection].double()                      # [E, K]
+    dyn = dyn / dyn.amax(-1, keepdim=True).clamp(min=1e-300)                          # [0, 1]
     mean = sum(analysis.channel_significance(d)[layer][projection] for d in analysis.datasets).double()
-    salience = mean / mean.amax(-1, keepdim=True).clamp(min=1e-30)                   # [0, 1]
+    salience = mean / mean.amax(-1, keepdim=True).clamp(min=1e-300)                  # [0, 1]
     r = max(1, math.ceil(fraction * dyn.shape[-1]))
-    return (dyn + 1e-3 * salience).topk(r, dim=-1).indices.sort(-1).values
+    return (dyn + 1e-6 * salience).topk(r, dim=-1).indices.sort(-1).values
 
 
 class _RWLock:

@@ -18,6 +18,8 @@ import dynamoq
 from dynamoq import DynaMoConfig
 from dynamoq.packing import storage_bits
 
+PRIOR = 0.5        # weight of uniform traffic in the prior rows
+
 
 def zero_shot(model, tok, items) -> float:
     return dynamoq.eval.multiple_choice(model, tok, items, progress=False).accuracy
@@ -68,6 +70,11 @@ def main():
         f"DynaMo BQ budget {storage_bits(3, g):g} (= GPTQ 3-bit storage)": DynaMoConfig(
             analysis=analysis, target_bits=storage_bits(3, g), quantizer="gptq", **common),
         "DynaMo BQ paper (fuzzy)": DynaMoConfig(analysis=analysis, allocation="fuzzy", quantizer="gptq", **common),
+        # half calibration traffic, half uniform (allocation.with_prior; not tuned): held-out domains' experts
+        f"DynaMo BQ budget {args.target_bits} + prior {PRIOR}": DynaMoConfig(
+            analysis=analysis, target_bits=args.target_bits, prior=PRIOR, quantizer="gptq", **common),
+        f"DynaMo BQ budget {storage_bits(3, g):g} + prior {PRIOR} (= GPTQ 3-bit storage)": DynaMoConfig(
+            analysis=analysis, target_bits=storage_bits(3, g), prior=PRIOR, quantizer="gptq", **common),
         f"frequency-only {args.target_bits} (ablation)": DynaMoConfig(
             analysis=analysis, allocation="frequency", target_bits=args.target_bits, quantizer="gptq", **common),
     }

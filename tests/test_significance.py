@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -43,10 +42,15 @@ def test_synthesis_mean_plus_lambda_std():
     assert synthesize(per, torch.tensor([1.0, 0.0]), lam=1.0).tolist() == pytest.approx([0.2, 0.8])
 
 
-def test_channel_dynamics_is_std_of_log():
-    s = torch.tensor([[[1.0, 5.0]], [[math.e ** 2, 5.0]]])   # [D=2, E=1, K=2]
+def test_channel_dynamics_is_the_spread_of_each_channels_share():
+    # [D=2, E=1, K=3]: shares (0.5, 0.25, 0.25) and (0.1, 0.45, 0.45); the second dataset's scale does not count
+    s = torch.tensor([[[2.0, 1.0, 1.0]], [[10.0, 45.0, 45.0]]])
     d = channel_dynamics(s)
-    assert d[0].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert d[0].tolist() == pytest.approx([0.2, 0.1, 0.1], abs=1e-6)
+    assert torch.equal(channel_dynamics(s * torch.tensor([3.0, 7.0])[:, None, None]), d)
+    # a channel that varies a thousandfold but holds almost nothing is less dynamic than a big one that moves
+    tiny = torch.tensor([[[1e-6, 1.0, 1.0]], [[1e-3, 1.3, 0.7]]])
+    assert channel_dynamics(tiny)[0, 0] < channel_dynamics(tiny)[0, 1]
     assert channel_dynamics(s[:1]).abs().sum() == 0
 
 
