@@ -10,6 +10,7 @@ from .packing import QuantizationError, check_bits
 
 DEFAULT_BITS = 4
 QUANTIZERS = ("rtn", "gptq")
+CACHE_PROJECTIONS = ("input", "all")
 ALLOCATIONS = ("budget", "fuzzy", "frequency")
 
 
@@ -40,6 +41,10 @@ class DynaMoConfig(AOBaseConfig):
     Switching:
       cache_fraction: share of each expert's input channels kept in 16-bit for run-time switching
                     (dynamoq.adapt_), chosen from the analysis; 0 keeps no cache. Needs an analysis.
+      cache_projections: "input" (default) caches channels of the projection that reads the block's
+                    hidden states (gate_up / up) only; "all" also of down_proj, whose inputs carry the
+                    quantized gate/up's error (on the reference model's bible domain correcting them
+                    raised validation perplexity 15%, while the input projection alone lowered it 7%).
       experts_implementation: set on the model's config ("dynamoq" is the fused low-bit path).
     """
     bits: int | None = None
@@ -63,6 +68,7 @@ class DynaMoConfig(AOBaseConfig):
     seq_len: int = 256
     max_tokens: int | None = 16384
     cache_fraction: float = 0.01
+    cache_projections: str = "input"
 
     def __post_init__(self):
         for b in (self.bits, self.shared_bits, self.dense_bits):
@@ -75,6 +81,8 @@ class DynaMoConfig(AOBaseConfig):
                 check_bits(b)
         if not 0 <= self.cache_fraction <= 0.5:
             raise QuantizationError(f"cache_fraction={self.cache_fraction} must be between 0 and 0.5")
+        if self.cache_projections not in CACHE_PROJECTIONS:
+            raise QuantizationError(f"cache_projections={self.cache_projections!r}: choose one of {CACHE_PROJECTIONS}")
         if not 0 <= self.prior <= 1:
             raise QuantizationError(f"prior={self.prior} must be between 0 (calibration only) and 1 (uniform traffic)")
         if self.quantizer not in QUANTIZERS:

@@ -7,7 +7,7 @@ from conftest import build
 from torch._dynamo.utils import counters
 
 import dynamoq
-from dynamoq import DynaMoConfig
+from dynamoq import DynaMoConfig, QuantizationError
 from dynamoq.switching import AutoSwitch, reading, state
 
 
@@ -21,8 +21,8 @@ def setup():
     m = build("qwen3_moe")
     cal = {"low": _domain(m, 0, 40), "mid": _domain(m, 40, 80)}
     analysis = dynamoq.analyze(m, cal, progress=False)
-    dynamoq.quantize_(m, DynaMoConfig(analysis=analysis, target_bits=3.5, group_size=32, cache_fraction=0.05),
-                      progress=False)
+    dynamoq.quantize_(m, DynaMoConfig(analysis=analysis, target_bits=3.5, group_size=32, cache_fraction=0.05,
+                                      cache_projections="all"), progress=False)
     return m, analysis
 
 
@@ -175,3 +175,18 @@ def test_adapt_without_a_cache_is_a_clear_error():
     dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=32))
     with pytest.raises(ValueError, match="no switching cache"):
         dynamoq.adapt_(m, torch.randint(0, 128, (2, 16)))
+
+def test_by_default_only_the_input_projection_keeps_a_cache_and_switches(setup):
+    _, analysis = setup
+    m = build("qwen3_moe")
+    dynamoq.quantize_(m, DynaMoConfig(analysis=analysis, target_bits=3.5, group_size=32, cache_fraction=0.05),
+                      progress=False)
+    blocks = list(dynamoq.moe_blocks(m))
+    assert all(b.experts.gate_up_proj.cache_idx is not None and b.experts.down_proj.cache_idx is None for b in blocks)
+    down = [b.experts.down_proj.dequantize_nk().clone() for b in blocks]
+    result = dynamoq.adapt_(m, _domain(m, 100, 128, seed=3))
+    assert result["changed"]
+    assert any(bool(b.experts.gate_up_proj.cache_delta.abs().sum() > 0) for b in blocks)
+    assert all(torch.equal(b.experts.down_proj.dequantize_nk(), d) for b, d in zip(blocks, down))
+    with pytest.raises(QuantizationError, match="cache_projections"):
+        DynaMoConfig(analysis=analysis, target_bits=3.5, cache_projections="down")
