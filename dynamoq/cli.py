@@ -287,7 +287,8 @@ def cmd_quantize(args) -> int:
         allocation = "fuzzy"           # the paper's clustering when data is given and nothing else decides
     config = dynamoq.DynaMoConfig(bits=args.bits, expert_bits=expert_bits, group_size=args.group_size,
                                   analysis=analysis, target_bits=args.target_bits, allocation=allocation,
-                                  quantizer=args.quantizer, cache_fraction=args.cache_fraction)
+                                  quantizer=args.quantizer, cache_fraction=args.cache_fraction,
+                                  cache_projections=args.cache_projections)
     t0 = time.perf_counter()
     dynamoq.quantize_(model, config, progress=_progress(args))
     seconds = time.perf_counter() - t0
@@ -316,6 +317,7 @@ def cmd_quantize(args) -> int:
                   config={"bits": args.bits, "target_bits": args.target_bits, "allocation": config.mode,
                           "quantizer": args.quantizer, "group_size": args.group_size,
                           "cache_fraction": args.cache_fraction if analysis is not None else 0.0,
+                          "cache_projections": args.cache_projections,
                           "expert_bits": "mixed 8/4/3/2 demo" if mixed else None,
                           "data": list(analysis.datasets) if analysis is not None else [],
                           "analysis": analysis_path, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
@@ -678,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn", help="base quantizer (gptq needs data)")
     q.add_argument("--cache-fraction", type=float, default=0.01,
                    help="share of each expert's input channels cached for run-time switching (with data; default 0.01)")
+    q.add_argument("--cache-projections", choices=("input", "all"), default="input",
+                   help="projections that keep a cache: input (gate_up / up, default) or all (down_proj too)")
     q.add_argument("--eval", action="append", metavar="NAME",
                    help="evaluate perplexity on this dataset (repeatable) before and after quantizing")
     q.add_argument("--eval-split", default="test", choices=("calib", "val", "test"))
