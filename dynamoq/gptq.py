@@ -56,18 +56,21 @@ def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
 
 
 def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp: float = 0.01,
-         act_order: bool = False, max_retries: int = 6):
+         act_order: bool = False, max_retries: int = 6, keep: torch.Tensor | None = None):
     """w_nk [N, K] or a batch [B, N, K] (the experts of one projection, solved together: one pass over
     the columns for all of them), hessian [K, K] or [B, K, K] (X^T X of the inputs), bits an int or one
-    per batch entry -> codes [..., N, K] int32, scale, zero [..., N, K // g], and the damping that made
-    each Hessian positive definite (a float, or a list for a batch)."""
+    per batch entry -> codes [..., N, K] int32, scale, zero [..., N, K // g], the damping that made
+    each Hessian positive definite (a float, or a list for a batch), and updated [..., N, K]: the value
+    each column had when it was quantized (the original plus the error fed to it by earlier columns).
+    keep [..., K] bool: columns whose rounding error is fed to no other column, the switching cache's,
+    so that a switch may re-quantize them (from `updated`) without undoing the others' compensation."""
     single = w_nk.dim() == 2
     w, h = (w_nk[None], hessian[None]) if single else (w_nk, hessian)
     b, n, k = w.shape
     bits = [bits] * b if isinstance(bits, int) else list(bits)
     qmax = torch.tensor([(1 << x) - 1 for x in bits], dtype=torch.float32)[:, None]      # [B, 1]
     w = w.float().clone()
-    h = h.float().clone()
+    h = h.double().clone()
     dead = h.diagonal(dim1=-2, dim2=-1) == 0                                              # [B, K]
     h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     w.masked_fill_(dead[:, None, :], 0.0)
@@ -83,7 +86,8 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
         h = h.gather(-1, perm[:, None, :].expand(-1, k, -1)).gather(-2, perm[:, :, None].expand(-1, -1, k))
     else:
         perm = torch.arange(k).expand(b, k)
-    u, used = _inverse_factor(h, damp, max_retries)
+    feed = None if keep is None else (~keep.reshape(b, k).gather(-1, perm)).float()     # [B, K] in visiting order
+    u, used = _inverse_factor(h, damp, max_retries)          # float64: the Hessians are ill-conditioned
     u = u.float()
     wt = w.transpose(1, 2).contiguous()                                                   # [B, K, N]: column k is row k
     codes = torch.zeros(b, k, n, dtype=torch.int32)                                       # [B, K, N]
@@ -108,14 +112,18 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
             q = torch.minimum((w1[:, i] / s).round().add(z).clamp(min=0), qmax)          # [B, N]
             codes[:, col] = q
             e = (w1[:, i] - (q - z) * s) / u[:, col, col][:, None]                        # [B, N]
+            if feed is not None:
+                e = e * feed[:, col, None]
             w1[:, i + 1:] -= u[:, col, col + 1:i2, None] * e[:, None, :]
             err1[:, i] = e
         wt[:, i2:] -= u[:, i1:i2, i2:].transpose(1, 2) @ err1
-    codes = codes.transpose(1, 2).gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1))
+    back = torch.argsort(perm, dim=-1)[:, None, :].expand(-1, n, -1)
+    codes = codes.transpose(1, 2).gather(-1, back)
+    updated = wt.transpose(1, 2).gather(-1, back)           # a column never changes once quantized
     scale, zero = scale.half(), zero.to(torch.uint8)
     if single:
-        return codes[0], scale[0], zero[0], used[0]
-    return codes, scale, zero, used
+        return codes[0], scale[0], zero[0], used[0], updated[0]
+    return codes, scale, zero, used, updated
 
 
 class _Stop(Exception):
@@ -187,8 +195,8 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                     report["fallback_rtn"].append(t.fqn)
                     t.apply(group_size)
                     continue
-                codes, scale, zero, d = gptq(t.weight.detach().float().cpu(), s.hessian[0][0].cpu(), t.bits[0],
-                                             group_size, damp, act_order)
+                codes, scale, zero, d, _ = gptq(t.weight.detach().float().cpu(), s.hessian[0][0].cpu(), t.bits[0],
+                                                group_size, damp, act_order)
                 t.apply(group_size, codes=(codes[None], scale[None], zero[None]))
         if gptq_targets:
             hook = hooks[block.layer]
@@ -215,14 +223,21 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                         report["fallback_rtn"].append(f"{t.fqn}[{e}]")
                         continue
                     solve.append(e)
+                keep = None
+                if t.cache_idx is not None:       # [E, r] -> [E, K]: the cached columns feed no error forward
+                    keep = torch.zeros(e_n, k, dtype=torch.bool).scatter_(-1, t.cache_idx.cpu(), True)
                 if solve:
-                    c, s_, z, used = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
-                                          [t.bits[e] for e in solve], group_size, damp, act_order)
+                    c, s_, z, used, upd = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
+                                               [t.bits[e] for e in solve], group_size, damp, act_order,
+                                               keep=None if keep is None else keep[solve])
                     codes[solve], scale[solve], zero[solve] = c, s_, z
+                    if keep is not None:
+                        w_nk = w_nk.clone()           # may share the model's storage: never written
+                        w_nk[solve] = upd
                     for e, d in zip(solve, used):
                         if d != damp:
                             report["damping"][f"{t.fqn}[{e}]"] = d
-                t.apply(group_size, codes=(codes, scale, zero))
+                t.apply(group_size, codes=(codes, scale, zero), w_fp=w_nk)
             del stats, hook, hooks
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:

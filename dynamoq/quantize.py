@@ -41,13 +41,16 @@ class Target:
             raise QuantizationError(f"{self.fqn}: {len(self.bits)} bit-widths for {rows} experts")
         check_group(w.shape[-2] if self.transposed else w.shape[-1], group_size, self.fqn)
 
-    def apply(self, group_size: int, codes=None) -> None:
-        """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer."""
+    def apply(self, group_size: int, codes=None, w_fp=None) -> None:
+        """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer, whose
+        full-precision values for the switching cache may be given as w_fp [E, N, K] (GPTQ's updated
+        columns; default: the weight)."""
         w = self.weight.data
         if codes is not None:       # [E, N, K] ([1, N, K] for a 2D weight)
             w_nk = w.transpose(-1, -2) if self.transposed else w
             cls = DynaMoExperts if w.ndim == 3 else SwitchableLinear
-            q = cls.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx, w_nk)
+            q = cls.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx,
+                               w_nk if w_fp is None else w_fp)
         elif w.ndim == 3:
             q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed, self.cache_idx)
         else:

@@ -58,7 +58,7 @@ def main():
     pool = [t for d in domains for t in texts(d, "test")[:20]]
     items = dynamoq.eval.continuation_task(pool, n_items=100, seed=0)
     g = args.group_size
-    common = dict(group_size=g, shared_bits=None)
+    common = dict(group_size=g, shared_bits=None, cache_fraction=0.0)     # the baseline alone: no switching cache
     rows = {
         "FP": None,
         "RTN 3-bit": DynaMoConfig(bits=3, **common),

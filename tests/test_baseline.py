@@ -23,7 +23,7 @@ def test_gptq_beats_round_to_nearest_on_the_output(act_order):
     x = _x()
     h = (x.double().t() @ x.double())
     for bits in (2, 3, 4):
-        codes, scale, zero, damp = gptq(w, h, bits, 32, act_order=act_order)
+        codes, scale, zero, damp, _ = gptq(w, h, bits, 32, act_order=act_order)
         assert codes.min() >= 0 and codes.max() < 2 ** bits and damp == 0.01
         err_gptq = (x @ (dequantize(codes, scale, zero) - w).t()).pow(2).mean()
         err_rtn = (x @ (dequantize(*quantize_rtn(w, bits, 32)) - w).t()).pow(2).mean()
@@ -33,7 +33,7 @@ def test_gptq_beats_round_to_nearest_on_the_output(act_order):
 def test_gptq_damps_a_singular_hessian_and_refuses_a_hopeless_one():
     w = torch.randn(16, 64)
     x = _x(n=3, k=64)                                   # 3 tokens: rank-3 Hessian
-    codes, scale, zero, damp = gptq(w, x.double().t() @ x.double(), 3, 32)
+    codes, scale, zero, damp, _ = gptq(w, x.double().t() @ x.double(), 3, 32)
     assert torch.isfinite(dequantize(codes, scale, zero)).all()
     with pytest.raises(QuantizationError, match="not positive definite"):
         gptq(w, -torch.eye(64, dtype=torch.float64), 3, 32)
@@ -169,7 +169,7 @@ def test_experts_short_of_tokens_get_the_balanced_hessian_or_rtn(monkeypatch):
     assert len(reports[False]["fallback_rtn"]) == n_experts and not reports[False]["balanced_hessian"]
     # expert 0 of layer 0 solved on the balanced Hessian of layer 0's inputs (the model is unchanged before it)
     h = hook.balanced_hessian(0, 0)
-    codes, scale, zero, _ = gptq(block.experts.gate_up_proj[0].detach().float(), h, 3, 32)
+    codes, scale, zero, _, _ = gptq(block.experts.gate_up_proj[0].detach().float(), h, 3, 32)
     assert torch.equal(first.codes()[0], codes)
 
 
@@ -181,8 +181,28 @@ def test_batched_gptq_equals_one_expert_at_a_time_and_damps_each_alone():
     x = torch.randn(3, 200, 64)
     h = torch.einsum("btk,btj->bkj", x.double(), x.double())
     h[2] -= 1.5 * torch.linalg.eigvalsh(h[2])[0] * torch.eye(64, dtype=torch.float64)   # indefinite: more damping
-    codes, scale, zero, used = gptq(w, h, [2, 3, 4], 32)
+    codes, scale, zero, used, _ = gptq(w, h, [2, 3, 4], 32)
     assert used[0] == used[1] == 0.01 and used[2] > 0.01
     for e, bits in enumerate([2, 3, 4]):
-        c, s, z, d = gptq(w[e], h[e], bits, 32)
+        c, s, z, d, _ = gptq(w[e], h[e], bits, 32)
         assert torch.equal(codes[e], c) and torch.equal(scale[e], s) and torch.equal(zero[e], z) and d == used[e]
+
+
+def test_kept_columns_feed_no_error_forward_and_come_back_updated():
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    h = x.t() @ x
+    w = torch.randn(16, 64)
+    col = 20                                        # small: its group's grid comes from the other columns
+    w[:, col] = torch.rand(16) - 0.5
+    w2 = w.clone()
+    w2[:, col] = torch.rand(16) - 0.5               # another rounding error in that column only
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[col] = True
+    a, b = gptq(w, h, 3, 32, keep=keep), gptq(w2, h, 3, 32, keep=keep)
+    rest = ~keep
+    assert torch.equal(a[0][:, rest], b[0][:, rest]) and torch.equal(a[1], b[1])
+    # without keep the column's error moves the columns after it (the test can fail)
+    assert not torch.equal(gptq(w, h, 3, 32)[0][:, col + 1:], gptq(w2, h, 3, 32)[0][:, col + 1:])
+    # updated: the first column as given; later ones moved by the errors fed to them
+    assert torch.equal(a[4][:, 0], w[:, 0]) and not torch.allclose(a[4][:, col], w[:, col])
