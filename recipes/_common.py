@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -94,12 +95,12 @@ def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
 
 def write(name: str, result: dict, table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+    result = {"command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               **result}
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     header = (f"<!-- written by recipes/{Path(sys.argv[0]).name}; do not edit -->\n"
-              f"Command: `python recipes/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}` "
+              f"Command: `python recipes/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}` "
               f"({result['machine']}, {result['date']})\n\n")
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
     print(header + table)

@@ -8,6 +8,7 @@ reference model. Calibrate on 3 domains, evaluate on every domain's test split.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 
@@ -18,7 +19,7 @@ import dynamoq
 from dynamoq import DynaMoConfig
 from dynamoq.packing import storage_bits
 
-PRIOR = 0.5        # weight of uniform traffic in the prior rows
+PRIOR = 0.5        # weight of uniform traffic in the prior row
 
 
 def zero_shot(model, tok, items) -> float:
@@ -70,11 +71,9 @@ def main():
         f"DynaMo BQ budget {storage_bits(3, g):g} (= GPTQ 3-bit storage)": DynaMoConfig(
             analysis=analysis, target_bits=storage_bits(3, g), quantizer="gptq", **common),
         "DynaMo BQ paper (fuzzy)": DynaMoConfig(analysis=analysis, allocation="fuzzy", quantizer="gptq", **common),
-        # half calibration traffic, half uniform (allocation.with_prior; not tuned): held-out domains' experts
+        # half calibration traffic, half uniform (allocation.with_prior; not tuned), for held-out domains' experts
         f"DynaMo BQ budget {args.target_bits} + prior {PRIOR}": DynaMoConfig(
             analysis=analysis, target_bits=args.target_bits, prior=PRIOR, quantizer="gptq", **common),
-        f"DynaMo BQ budget {storage_bits(3, g):g} + prior {PRIOR} (= GPTQ 3-bit storage)": DynaMoConfig(
-            analysis=analysis, target_bits=storage_bits(3, g), prior=PRIOR, quantizer="gptq", **common),
         f"frequency-only {args.target_bits} (ablation)": DynaMoConfig(
             analysis=analysis, allocation="frequency", target_bits=args.target_bits, quantizer="gptq", **common),
     }
@@ -84,7 +83,7 @@ def main():
         stored = merge_base(args)
         rows = {k: v for k, v in rows.items()
                 if (k == "FP" and "FP" not in stored) or any(r.lower() in k.lower() for r in args.rows)}
-    command = " ".join(["baseline.py"] + sys.argv[1:])
+    command = shlex.join(["baseline.py"] + sys.argv[1:])
     measured = {}
 
     def finish() -> None:

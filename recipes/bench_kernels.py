@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -330,7 +331,7 @@ def main():
     # decode sizes share one graph: a dynamic token count whose size 1 is not specialized
     torch.fx.experimental._config.backed_size_oblivious = True
     rows, notes, e2e_rows = [], [], []
-    command = "python recipes/bench_kernels.py " + " ".join(sys.argv[1:])
+    command = "python recipes/bench_kernels.py " + shlex.join(sys.argv[1:])
     machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if DEVICE.type == "cuda" else
                f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
                + "".join(f", {v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if v in os.environ))

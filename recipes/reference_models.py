@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -446,7 +447,7 @@ def main(argv=None) -> int:
     res["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1, default=float))
-    cmd = " ".join(["python recipes/reference_models.py"] + (argv if argv is not None else sys.argv[1:]))
+    cmd = shlex.join(["python", "recipes/reference_models.py"] + (argv if argv is not None else sys.argv[1:]))
     md = (f"<!-- written by recipes/reference_models.py; do not edit -->\nCommand: `{cmd}` ({res['machine']}, "
           f"{args.threads} threads, {time.strftime('%Y-%m-%d')}; {res['seconds'] / 60:.0f} min)\n\n" + table(res) + "\n")
     (RESULTS / f"{args.name}.md").write_text(md)
