@@ -53,7 +53,7 @@ def main():
     table = "\n".join(lines) + (
         f"\n\nDomains: {', '.join(a.datasets)} ({args.calib_tokens} calibration tokens each). Mean rank correlation "
         f"of expert significance between two domains: {mean_rho:.3f} (1 = same ranking everywhere). Channel dynamics "
-        f"= std over domains of log S_ch: the top 1% most dynamic channels carry {100 * top1:.1f}% of the total "
+        f"= std over domains of each channel's share of S_ch: the top 1% most dynamic channels carry {100 * top1:.1f}% of the total "
         f"(uniform would be 1%), the top 10% carry {100 * top10:.1f}%. Calibration {seconds:.1f} s for "
         f"{sum(a.meta['tokens'].values())} tokens, peak resident memory {peak_mb:.0f} MB (process, before: "
         f"{rss0 / 1024:.0f} MB). Experts with a fallback: {len(a.fallbacks())}.")
