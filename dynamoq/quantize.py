@@ -86,12 +86,11 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
     prefix = f"{fqn}.experts" if fqn else "experts"
     if block.adapter.fused:
         cache = config.analysis is not None and config.cache_fraction > 0 and block.adapter.calibration is None
-        # the last projection (down) reads the activation, the others the block's hidden states
-        last = len(block.projections) - 1
-        cached = [cache and (config.cache_projections == "all" or i < last) for i in range(len(block.projections))]
+        last = len(block.projections) - 1      # down reads the activation, the others the hidden states
         out = [Target(block.experts, p.name, f"{prefix}.{p.name}", bits, p.transposed,
-                      select_channels(config.analysis, block.layer, i, config.cache_fraction) if c else None)
-               for (i, p), c in zip(enumerate(block.projections), cached)]
+                      select_channels(config.analysis, block.layer, i, config.cache_fraction)
+                      if cache and (config.cache_projections == "all" or i < last) else None)
+               for i, p in enumerate(block.projections)]
     else:
         out = [t for e, b in zip(range(len(block.experts)), bits)
                for t in _dense_targets(block.experts[e], f"{prefix}.{e}", b)]

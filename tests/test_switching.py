@@ -176,6 +176,7 @@ def test_adapt_without_a_cache_is_a_clear_error():
     with pytest.raises(ValueError, match="no switching cache"):
         dynamoq.adapt_(m, torch.randint(0, 128, (2, 16)))
 
+
 def test_by_default_only_the_input_projection_keeps_a_cache_and_switches(setup):
     _, analysis = setup
     m = build("qwen3_moe")
