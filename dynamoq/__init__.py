@@ -4,6 +4,7 @@ from .adapters import UnsupportedModelError, moe_blocks
 from .analysis import Analysis, AnalysisError, analyze
 from .checkpoint import CheckpointError, load, save  # also registers quant_method "dynamoq" with transformers
 from .config import DynaMoConfig
+from .kernels import compile_options
 from .packing import QuantizationError
 from .quantize import moe_filter, quantize_
 from .report import bits_report
@@ -14,4 +15,4 @@ from . import eval, models
 __version__ = "0.1.0"
 __all__ = ["DynaMoConfig", "quantize_", "moe_filter", "bits_report", "moe_blocks", "DynaMoExperts",
            "SwitchableLinear", "QuantizationError", "UnsupportedModelError", "save", "load", "CheckpointError", "Analysis", "AnalysisError", "analyze",
-           "adapt_", "revert_"]
+           "adapt_", "revert_", "compile_options"]

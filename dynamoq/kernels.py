@@ -1,17 +1,18 @@
 """The fast paths of DynaMoExperts, and the `dynamoq` experts implementation.
 
 transformers calls `dynamoq_experts_forward` for every fused experts module when
-config._experts_implementation == "dynamoq". Packed weights go through DynaMoExperts.expert_linear,
-which picks one of the two paths below; plain weights through transformers' batched_mm.
+config._experts_implementation == "dynamoq". Packed weights go through expert_linear, which picks one
+of the two paths below; plain weights through transformers' batched_mm.
 
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
-  loop nest per projection, C++ on CPU and Triton on GPU. For every pair and output row it walks the
-  groups of the input dimension; each step reads one group of packed codes of the pair's expert
-  (gathered by expert id, never copied), unpacks it with masks, multiplies with x and adds, then
-  applies the group's zero point and scale. Experts of different bit-widths: every bit-width has its
-  own unpack expression, and a pair skips the ones of the other widths (a masked load whose body is
-  only evaluated for pairs of that width), so mixed precision costs what the pairs' own widths cost.
-grouped_linear (many pairs, prefill): dequantize each expert once and run one grouped matrix product.
+  loop nest per projection and bit-width, C++ on CPU and Triton on GPU. The pairs are first split by
+  their expert's bit-width (positions_of: a custom op whose output sizes are known only at run time, so
+  no routing recompiles), and each width's loop nest runs over its own pairs only. For every pair and
+  output row it walks the groups of the input dimension; each step reads one group of packed codes of
+  the pair's expert (gathered by expert id, never copied), unpacks it with masks, multiplies with x and
+  adds, then applies the group's zero point and scale. On CPU compile with compile_options() (FMA).
+grouped_linear (many pairs, prefill): a few experts of one width at a time dequantized to 16 bits
+  (at most CHUNK_BYTES), and one grouped matrix product over the pairs routed to them.
 
 Layout of one step of decode_linear (one group of g inputs of one pair and one output row), for a
 bit-plane of width w (packing.PLANES: c = 8 / w codes per byte, bit offset `off` inside the code):
@@ -24,14 +25,25 @@ bit-plane of width w (packing.PLANES: c = 8 / w codes per byte, bit offset `off`
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 
 from . import packing
-from .tensors import DynaMoExperts, inverse_permutation
+from .tensors import DynaMoExperts
 
 NAME = "dynamoq"
 aten = torch.ops.aten
+
+# Options for torch.compile(model, options=dynamoq.compile_options()) on CPU: "fp-contract=fast" lets the
+# C++ compiler fuse each multiply and add of the decode loop into one FMA. That loop is bound by how many
+# of its loads are in flight, and fewer instructions per byte keep more of them in flight (OLMoE gate_up,
+# 8 pairs, 1 thread: 2-bit 3.8 -> 3.1 ms, 4-bit 6.9 -> 4.5 ms). Inductor's default is "off".
+COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
+
+
+def compile_options() -> dict:
+    """Inductor options that make the low-bit expert loops faster (COMPILE_OPTIONS)."""
+    return dict(COMPILE_OPTIONS)
 
 
 # ---- decode ---------------------------------------------------------------------------------------
@@ -54,19 +66,17 @@ def _x_for_plane(xf: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
     return _own_buffer(xp.contiguous())
 
 
-PIECE_TERMS = 4            # terms of one masked, reduced piece (see _plane_pieces)
+PIECE_TERMS = 4            # terms of one reduced piece (see _plane_pieces)
 
 
-def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int, member, scale):
+def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int, scale):
     """codes [S, N, G, H, L] uint8 (one plane of the pairs' experts), xp [S, G, H, c, L]
     -> pieces [S, N, G, L] whose sum is, per lane, the group's scale [S, N, G, 1] times the sum over h
     and p of plane value * 2**offset * x.
-    With `member` [S] bool, pairs outside it skip the work of each piece and give 0.
 
     A piece is PIECE_TERMS terms: Inductor computes a pointwise expression of more than about 50
-    operations into a buffer of its own before a reduction reads it (here: [S, N, K / 16] floats),
-    and a masked piece with such a part would be computed for every pair; each piece is reduced on its
-    own instead, and all the reductions share one loop nest."""
+    operations into a buffer of its own before a reduction reads it (here: [S, N, K / 16] floats); each
+    piece is reduced on its own instead, and all the reductions share one loop nest."""
     c = 8 // width
     s_ = codes.shape[0]
     terms = [(h, p) for h in range(codes.shape[3]) for p in range(c)]
@@ -78,20 +88,46 @@ def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int
             term = v.float() * xp[:, None, :, h, p]
             piece = term if piece is None else piece + term
         piece = piece * (scale * float(1 << offset) if offset else scale)
-        if member is not None:
-            piece = aten._unsafe_masked_index(piece, member.view(s_, 1, 1, 1).expand(piece.shape),
-                                              [torch.arange(s_, device=codes.device)], 0.0)
         yield piece
 
 
 def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w (storage [E, N, K]), x [S, K], ids [S] -> [S, N] fp32.
+    Experts of several bit-widths: the pairs are split by their expert's width (positions_of: sizes
+    known only at run time, so one graph serves every routing), and each width runs its own loop nest
+    over its own pairs."""
+    widths = sorted(set(w.expert_bits))
+    if len(widths) == 1:
+        return decode_width(w, widths[0], x, ids)
+    bits = torch.tensor(w.expert_bits, device=x.device)
+    y = x.new_empty(x.shape[0], w.scale.shape[1], dtype=torch.float32)
+    for b, sel in zip(widths, positions_of(aten._unsafe_index(bits, [ids]), widths)):
+        y = y.index_put((sel,), decode_width(w, b, x[sel], ids[sel]))
+    return y
+
+
+@torch.library.custom_op("dynamoq::positions_of", mutates_args=())
+def positions_of(keys: torch.Tensor, values: list[int]) -> list[torch.Tensor]:
+    """keys [S] (one per token-expert pair: its bit-width, its chunk of experts) -> for each of `values`,
+    the positions [S_v] where keys == v, in order. Under torch.compile each S_v is a size known only
+    at run time (unbacked): the graph neither guards on it nor recompiles when the routing changes."""
+    return [(keys == v).nonzero()[:, 0] for v in values]
+
+
+@positions_of.register_fake
+def _(keys, values):
+    ctx, s = torch.library.get_ctx(), keys.shape[0]
+    bound = {"max": s} if isinstance(s, int) else {}      # a bound must be a plain int
+    return [keys.new_empty(ctx.new_dynamic_size(**bound), dtype=torch.int64) for _ in values]
+
+
+def decode_width(w, b: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """decode_linear for pairs whose experts all have b bits.
     Cost: every pair reads its own expert's packed codes, scales and zeros once; nothing is materialized
     per pair but [S, N, K / g] fp32 scales."""
     s_, k = x.shape
     gs = w.group_size
     g = k // gs
-    widths = sorted(set(w.expert_bits))
     lanes = packing.lanes(gs)
     dev = x.device
     xf = x.float()
@@ -102,25 +138,16 @@ def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     # sum of x over each group, split over the lanes (any split does: only the lane total counts)
     xsum = xf.view(s_, g, gs // lanes, lanes).sum(2)                                # [S, G, L]
     y = -((zero.float()[..., None] * xsum[:, None]) * scale).sum((-2, -1))
-    slots = w._slots()
-    xps: dict[int, torch.Tensor] = {}
-    for b in widths:
-        rows = torch.tensor([sl if eb == b else 0 for eb, sl in slots], device=dev)
-        rows = _own_buffer(aten._unsafe_index(rows, [ids]))                        # [S] slot among the b-bit experts
-        member = None
-        if len(widths) > 1:        # only the pairs whose expert has b bits evaluate this width's expressions
-            member = torch.tensor([eb == b for eb in w.expert_bits], device=dev)
-            member = _own_buffer(aten._unsafe_index(member, [ids]))                 # [S] bool
-        codes = aten._unsafe_index(getattr(w, f"q{b}"), [rows])                    # [S, N, K*b/8], never copied
-        start = 0
-        for off, width in packing.PLANES[b]:
-            nbytes = k * width // 8
-            plane = codes[..., start:start + nbytes].view(s_, n, g, gs * width // 8 // lanes, lanes)
-            start += nbytes
-            if width not in xps:
-                xps[width] = _x_for_plane(xf, width, gs)
-            for piece in _plane_pieces(plane, xps[width], width, off, member, scale):
-                y = y + piece.sum((-2, -1))
+    rows = torch.tensor([sl if eb == b else 0 for eb, sl in w._slots()], device=dev)
+    rows = _own_buffer(aten._unsafe_index(rows, [ids]))                            # [S] slot among the b-bit experts
+    codes = aten._unsafe_index(getattr(w, f"q{b}"), [rows])                        # [S, N, K*b/8], never copied
+    start = 0
+    for off, width in packing.PLANES[b]:
+        nbytes = k * width // 8
+        plane = codes[..., start:start + nbytes].view(s_, n, g, gs * width // 8 // lanes, lanes)
+        start += nbytes
+        for piece in _plane_pieces(plane, _x_for_plane(xf, width, gs), width, off, scale):
+            y = y + piece.sum((-2, -1))
     if w.cache_idx is not None:                                                     # switched channels
         cols = aten._unsafe_index(w.cache_idx, [ids])                               # [S, r]
         xc = xf.gather(1, cols)
@@ -135,31 +162,62 @@ GROUPED_PAIRS_PER_EXPERT = 2   # more token-expert pairs than this per expert on
 def use_grouped(num_pairs, num_experts: int) -> bool:
     """Decode or prefill path. Under torch.compile with a dynamic token count this is decided once per
     graph: a backed size is guarded (decode sizes share one graph, prefill sizes a second); an
-    unbacked one (torch._dynamo.decorators.mark_unbacked) cannot be, and takes the decode path."""
-    many = num_pairs > GROUPED_PAIRS_PER_EXPERT * num_experts
-    if isinstance(many, torch.SymBool) and free_unbacked_symbols(many):
-        return guard_or_false(many)
-    return bool(many)
+    unbacked one (torch._dynamo.decorators.mark_unbacked), or a backed one under
+    backed_size_oblivious, is not, and takes the decode path."""
+    return guard_or_false(num_pairs > GROUPED_PAIRS_PER_EXPERT * num_experts)
 
 
-def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The same product for many pairs: every expert dequantized once (16-bit), one grouped matmul."""
-    from transformers.integrations.moe import _grouped_mm
-    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    wt, by_width = w.dequantize_nk(dtype, by_width=True)                      # [E, N, K], experts by width
-    if by_width != sorted(by_width):                                           # ids -> positions in that order
-        ids = torch.tensor(inverse_permutation(by_width), device=ids.device)[ids]
-    order = ids.argsort()
-    counts = torch.zeros(w.num_rows, dtype=torch.int32, device=ids.device).scatter_add_(
-        0, ids, torch.ones_like(ids, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)
-    y = _grouped_mm(x[order].to(dtype), wt.transpose(-1, -2), offs)            # [S, N] sorted by expert
-    out = torch.empty_like(y, dtype=torch.float32)
-    out[order] = y.float()
+# Experts dequantized per step of the prefill path. glibc's malloc maps every block over 32 MB afresh
+# (and unmaps it when freed): a bigger buffer would be page-faulted in on every call, which cost more
+# than the dequantization itself (OLMoE gate_up, 64 experts at once: 0.8 G weights/s; 2 at a time: 4.1).
+CHUNK_BYTES = 16 << 20
+
+
+def expert_chunks(w, itemsize: int) -> list[list[int]]:
+    """The experts in steps of at most CHUNK_BYTES of dequantized weights, each step of one bit-width."""
+    n, k = w.scale.shape[1], w.scale.shape[2] * w.group_size
+    per = max(1, CHUNK_BYTES // (n * k * itemsize))
+    out = []
+    for b in sorted(set(w.expert_bits)):
+        idx = [e for e, eb in enumerate(w.expert_bits) if eb == b]
+        out += [idx[i:i + per] for i in range(0, len(idx), per)]
     return out
 
 
+def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The same product for many pairs: a few experts at a time dequantized to 16 bits (expert_chunks)
+    and one grouped matmul over the pairs routed to them."""
+    from transformers.integrations.moe import _grouped_mm
+    dtype = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float32   # the model's own 16 bits
+    chunks = expert_chunks(w, dtype.itemsize)
+    chunk_of, local_of = [0] * w.num_rows, [0] * w.num_rows
+    for c, experts in enumerate(chunks):
+        for j, e in enumerate(experts):
+            chunk_of[e], local_of[e] = c, j
+    dev = ids.device
+    local_of = torch.tensor(local_of, device=dev)
+    y = x.new_empty(x.shape[0], w.scale.shape[1], dtype=torch.float32)
+    parts = positions_of(torch.tensor(chunk_of, device=dev)[ids], list(range(len(chunks))))
+    for experts, pos in zip(chunks, parts):
+        local = local_of[ids[pos]]                                                 # [P] expert within the chunk
+        order = local.argsort(stable=True)
+        pos, local = pos[order], local[order]
+        offs = torch.zeros(len(experts), dtype=torch.int32, device=dev).scatter_add_(
+            0, local, torch.ones_like(local, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+        wc = w.dequantize_experts(experts, dtype)                                  # [C, N, K]
+        y = y.index_put((pos,), _grouped_mm(x[pos].to(dtype), wc.transpose(-1, -2), offs).float())
+    return y
+
+
 # ---- the experts implementation -----------------------------------------------------------------
+def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K], ids [S] -> [S, N] float32: the decode
+    path for few token-expert pairs, the grouped path for many."""
+    if use_grouped(ids.shape[0], w.num_rows):
+        return grouped_linear(w, x, ids)
+    return decode_linear(w, x, ids)
+
+
 def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     # hidden_states [T, H]; top_k_index, top_k_weights [T, k]
     first = self.gate_up_proj if self.has_gate else self.up_proj
@@ -168,11 +226,11 @@ def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     num_tokens, k = top_k_index.shape
     ids = top_k_index.reshape(-1)                                          # [S = T * k]
     x = hidden_states.repeat_interleave(k, dim=0)                          # [S, H]
-    h = first.expert_linear(x, ids)                                        # [S, 2I] or [S, I]
+    h = expert_linear(first, x, ids)                                         # [S, 2I] or [S, I]
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids].float()
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)           # [S, I]
-    y = self.down_proj.expert_linear(h, ids)                               # [S, H]
+    y = expert_linear(self.down_proj, h, ids)                                # [S, H]
     if self.has_bias:
         y = y + self.down_proj_bias[ids].float()
     if self.has_post_expert_norm:

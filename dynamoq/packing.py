@@ -79,28 +79,32 @@ def pack(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 
 def _unpack_runs(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """packed [..., K * b / 8] -> codes [..., G, J, L] int32 (J = g / L runs of L inputs per group; run j
-    of a plane with c codes per byte is part j % c of chunk j // c). The innermost L is contiguous in
-    every load and store, so Inductor vectorizes it."""
+    """packed [..., K * b / 8] -> codes [..., G, H, c, L] int32 (uint8 for 8 bits), where (H, c) are the chunks and parts of
+    the first plane (c = 8 / its width; input of the group: h * c * L + p * L + l). A second plane, half
+    as wide with half as many chunks, is read as [G, H / 2, 2, c, L], so no loop index is divided: the
+    innermost L is contiguous in every load and store and Inductor vectorizes it."""
     lead = packed.shape[:-1]
     k = packed.shape[-1] * 8 // bits
     lane = lanes(group_size)
-    code, start = None, 0
-    for offset, width in PLANES[bits]:
-        c = 8 // width
-        n = k * width // 8
-        plane = packed[..., start:start + n].view(*lead, k // group_size, -1, 1, lane).to(torch.int32)  # [..., G, H, 1, L]
-        start += n
-        shifts = torch.arange(0, 8, width, dtype=torch.int32, device=packed.device).view(c, 1)
-        v = ((plane >> shifts) & ((1 << width) - 1)).flatten(-3, -2)                       # [..., G, J, L]
-        v = v << offset if offset else v
-        code = v if code is None else code | v
-    return code
+    (off1, w1), *rest = PLANES[bits]
+    c = 8 // w1
+    n1 = k * w1 // 8
+    plane = packed[..., :n1].view(*lead, k // group_size, -1, 1, lane)                        # [..., G, H, 1, L]
+    if c == 1:                                # 8 bits: the bytes are the codes (kept uint8: that converts fastest)
+        return plane
+    shifts = torch.arange(0, 8, w1, dtype=torch.int32, device=packed.device).view(c, 1)
+    code = (plane.to(torch.int32) >> shifts) & ((1 << w1) - 1)                                 # [..., G, H, c, L]
+    for off2, w2 in rest:                     # 3 = 2 + 1, 6 = 4 + 2: the second plane has w2 = w1 / 2
+        plane2 = packed[..., n1:].view(*lead, k // group_size, -1, 1, 1, lane).to(torch.int32)  # [..., G, H/2, 1, 1, L]
+        shifts2 = (torch.arange(2 * c, dtype=torch.int32, device=packed.device) * w2).view(2, c, 1)
+        v = ((plane2 >> shifts2) & ((1 << w2) - 1)).flatten(-4, -3)                            # [..., G, H, c, L]
+        code = code | (v << off2)
+    return code << off1 if off1 else code
 
 
 def unpack(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """packed [..., K * bits // 8] uint8 -> codes [..., K] int32."""
-    return _unpack_runs(packed, bits, group_size).flatten(-3)
+    return _unpack_runs(packed, bits, group_size).flatten(-4).to(torch.int32)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
@@ -127,15 +131,15 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 def dequantize_runs(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
                     group_size: int, dtype=torch.float32) -> torch.Tensor:
     """unpack + dequantize in one expression whose loops follow the layout:
-    packed [..., N, K * b / 8], scale/zero [..., N, G] -> weights [..., N, G, J, L] (flat_runs: [..., N, K])."""
+    packed [..., N, K * b / 8], scale/zero [..., N, G] -> weights [..., N, G, H, c, L] (flat_runs: [..., N, K])."""
     code = _unpack_runs(packed, bits, group_size)
-    return ((code.float() - zero[..., None, None].float()) * scale[..., None, None].float()).to(dtype)
+    return ((code.float() - zero[..., None, None, None].float()) * scale[..., None, None, None].float()).to(dtype)
 
 
 def flat_runs(w: torch.Tensor) -> torch.Tensor:
-    """[..., G, J, L] -> [..., K]: first a buffer of its own in the runs' shape (Inductor would otherwise
+    """[..., G, H, c, L] -> [..., K]: first a buffer of its own in the runs' shape (Inductor would otherwise
     index the dequantization through the flat view, with divisions that defeat vectorization)."""
-    return w.as_strided(w.shape, w.stride()).flatten(-3)
+    return w.as_strided(w.shape, w.stride()).flatten(-4)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,

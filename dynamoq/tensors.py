@@ -121,26 +121,28 @@ class _PackedWeight(TorchAOBaseTensor):
         parts = {b: packing.unpack(getattr(self, f"q{b}"), b, self.group_size) for b in set(self.expert_bits)}
         return torch.stack([parts[b][s] for b, s in self._slots()])
 
-    def dequantize_nk(self, dtype=None, by_width: bool = False):
-        """[E, N, K] in dtype (storage layout, never transposed). With by_width, (weights with the experts
-        ordered by bit-width, that order as a list of expert indices): no reordering pass."""
+    def dequantize_nk(self, dtype=None):
+        """[E, N, K] in dtype (storage layout, never transposed)."""
         groups, order = [], []
         for b in sorted(set(self.expert_bits)):
             idx = [e for e, eb in enumerate(self.expert_bits) if eb == b]
-            groups.append(packing.dequantize_runs(getattr(self, f"q{b}"), b, self.scale[idx], self.zero[idx],
-                                                  self.group_size, dtype or self.dtype))         # [E_b, N, G, J, L]
+            groups.append(self.dequantize_experts(idx, dtype))
             order += idx
-        # one buffer for all widths: each width's expression writes its slice of it (no copy)
-        w = packing.flat_runs(torch.cat(groups) if len(groups) > 1 else groups[0])
-        moved = order != sorted(order)
+        w = torch.cat(groups) if len(groups) > 1 else groups[0]
+        if order != sorted(order):
+            w = w[torch.tensor(inverse_permutation(order), device=w.device)]
+        return w
+
+    def dequantize_experts(self, experts: list[int], dtype=None) -> torch.Tensor:
+        """[len(experts), N, K] in dtype: the given experts, which must share one bit-width, in that order."""
+        b, slots = self.expert_bits[experts[0]], [self._slots()[e][1] for e in experts]
+        assert all(self.expert_bits[e] == b for e in experts), "dequantize_experts: experts of several widths"
+        pick = _rows(experts, self.num_rows)
+        w = packing.dequantize_packed(_rows(slots, getattr(self, f"q{b}").shape[0])(getattr(self, f"q{b}")), b,
+                                      pick(self.scale), pick(self.zero), self.group_size, dtype or self.dtype)
         if self.cache_idx is not None:
-            pick = (lambda t: t[order]) if moved else (lambda t: t)  # noqa: E731
             cols = pick(self.cache_idx)[:, None, :].expand(-1, w.shape[1], -1)
             w = w.scatter_add(-1, cols, pick(self.cache_delta).to(w.dtype))
-        if by_width:
-            return w, order
-        if moved:
-            w = w[torch.tensor(inverse_permutation(order), device=w.device)]
         return w
 
     def packed_expert_nk(self, e: int, dtype=torch.float32) -> torch.Tensor:
@@ -184,13 +186,10 @@ class DynaMoExperts(_PackedWeight):
     _is_3d = True
 
     def expert_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """y[s] = W[ids[s]] @ x[s] for x [S, K], ids [S] -> [S, N] float32 (kernels.py).
-        Few pairs (decode): gather, unpack, dequantize and reduce per bit-width group, fused by
-        Inductor into one loop. Many pairs (prefill): dequantize each expert once, one grouped matmul."""
+        """y[s] = W[ids[s]] @ x[s] for x [S, K], ids [S] -> [S, N] float32: the fused fast path
+        (kernels.expert_linear)."""
         from . import kernels
-        if kernels.use_grouped(ids.shape[0], self.num_rows):
-            return kernels.grouped_linear(self, x, ids)
-        return kernels.decode_linear(self, x, ids)
+        return kernels.expert_linear(self, x, ids)
 
 
 class SwitchableLinear(_PackedWeight):
@@ -208,6 +207,16 @@ class SwitchableLinear(_PackedWeight):
     @property
     def bits(self) -> int:
         return self.expert_bits[0]
+
+
+def _rows(idx: list[int], total: int):
+    """t -> t[idx] along dim 0: a slice (a view) when idx is a run of consecutive rows."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return (lambda t: t) if len(idx) == total else (lambda t: t[idx[0]:idx[0] + len(idx)])  # noqa: E731
+    def gather(t):      # a small buffer of its own: the dequantization then reads it without indirection
+        g = t[torch.tensor(idx, device=t.device)]
+        return g.as_strided(g.shape, g.stride())
+    return gather
 
 
 def inverse_permutation(perm: list[int]) -> list[int]:

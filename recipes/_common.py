@@ -73,11 +73,13 @@ def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
     import statistics
 
     from transformers import StaticCache
+
+    import dynamoq
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     prompt, n = prompt.to(dev), prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
-    step = torch.compile(model, fullgraph=True)
+    step = torch.compile(model, fullgraph=True, options=dynamoq.compile_options())
     out, times = [], []
     with torch.no_grad():
         logits = model(prompt, past_key_values=cache, cache_position=torch.arange(n, device=dev)).logits

@@ -166,7 +166,7 @@ def bytes_per_token(block, xs, expert_bits) -> float:
 
 
 def compile_layer(layer, fullgraph: bool):
-    f = torch.compile(layer, fullgraph=fullgraph)
+    f = torch.compile(layer, fullgraph=fullgraph, options=dynamoq.compile_options())
 
     def run(x):
         torch._dynamo.mark_dynamic(x, 1)

@@ -55,8 +55,9 @@ def test_transposed_layout_and_switching_cache(transposed):
 
 
 def test_compiled_decode_is_one_loop_nest_without_per_pair_intermediates():
-    """Mixed widths, bf16 activations: the compiled decode matches the reference, and nothing per pair
-    and weight is materialized: the largest buffers are the [S, N, K/g] scales and x rearranged [S, K]."""
+    """Mixed widths, bf16 activations: the compiled decode (one loop nest per width, over that width's
+    pairs) matches the reference, and nothing per pair and weight is materialized: the largest buffers
+    are the [S, N, K/g] scales and x rearranged [S, K]."""
     t = _experts(MIXED, n=64, k=512, g=128, cache=4)
     x, ids = torch.randn(5, 512, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 4, 7])
     torch._dynamo.reset()
@@ -65,6 +66,45 @@ def test_compiled_decode_is_one_loop_nest_without_per_pair_intermediates():
     sizes = [math.prod(int(v) for v in m.split(",") if v.strip()) for code in codes
              for m in re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", code)]
     assert max(sizes) <= max(5 * 64 * 4, 5 * 512), sizes
+
+
+def test_prefill_dequantizes_a_few_experts_of_one_width_at_a_time(monkeypatch):
+    """expert_chunks: every expert once, each step of one width and within CHUNK_BYTES of 16-bit weights;
+    the chunked grouped product (eager and compiled) matches the reference, switching cache included."""
+    t = _experts(MIXED, n=48, k=256, cache=5, dtype=torch.bfloat16)
+    _switch(t)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 2 * 48 * 256 * 2 + 1)       # two experts per step
+    chunks = kernels.expert_chunks(t, 2)
+    assert sorted(e for c in chunks for e in c) == list(range(len(MIXED)))
+    assert all(len(c) <= 2 and len({MIXED[e] for e in c}) == 1 for c in chunks)
+    assert chunks == [[0, 6], [1, 7], [2, 5], [3], [4]]                       # widths 2, 3, 4, 6, 8
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    ids = torch.randint(0, len(MIXED), (40,))
+    ref = _reference(t, x, ids)
+
+    def close(y):        # the product runs in bf16, the model's dtype
+        return ((y - ref).norm() / ref.norm()).item() < 5e-3
+    assert close(kernels.grouped_linear(t, x, ids))
+    torch._dynamo.reset()
+    assert close(torch.compile(kernels.grouped_linear, fullgraph=True, options=kernels.compile_options())(t, x, ids))
+
+
+def test_dequantize_experts_is_the_rows_of_the_full_dequantization():
+    t = _experts(MIXED, cache=3)
+    _switch(t)
+    full = t.dequantize_nk(torch.float32)
+    for experts in ([0, 6], [1], [2, 5], [5, 2], [7, 1]):                     # slices, gathers, any order
+        assert torch.equal(t.dequantize_experts(experts, torch.float32), full[experts])
+    with pytest.raises(AssertionError, match="several widths"):
+        t.dequantize_experts([0, 1])
+
+
+def test_compile_options_are_accepted_and_keep_the_result():
+    t = _experts(MIXED, n=64, k=512, g=128)
+    x, ids = torch.randn(5, 512), torch.tensor([0, 1, 2, 4, 7])
+    torch._dynamo.reset()
+    f = torch.compile(kernels.decode_linear, fullgraph=True, options=kernels.compile_options())
+    assert torch.allclose(f(t, x, ids), _reference(t, x, ids), atol=1e-3, rtol=1e-3)
 
 
 def _block(bits, cache=0):
@@ -87,14 +127,14 @@ def _graphs():
 
 
 def test_fullgraph_backed_token_count_one_graph_for_decode_one_for_prefill():
-    """The token count marked dynamic (backed; sizes not specialized to 1: backed_size_oblivious): decode
+    """The token count marked dynamic (backed; from 2 tokens, since a size of 1 is specialized): decode
     sizes share one graph, prefill sizes a second, no graph break."""
     blk = _block(MIXED)
     torch._dynamo.reset()
     counters.clear()
     f = torch.compile(blk, fullgraph=True)
-    expected = {1: 1, 2: 1, 5: 1, 8: 1, 24: 2, 40: 2, 3: 2}    # tokens -> graphs so far (8 experts, top-2)
-    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+    expected = {2: 1, 5: 1, 8: 1, 24: 2, 40: 2, 3: 2}    # tokens -> graphs so far (8 experts, top-2)
+    with torch.no_grad():
         for tokens, graphs in expected.items():
             x = torch.randn(1, tokens, 128)
             torch._dynamo.mark_dynamic(x, 1)
