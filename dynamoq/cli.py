@@ -595,7 +595,7 @@ def cmd_bench(args) -> int:
         model, name = models.builtin(), BUILTIN_NAME
     tokens = torch.randint(0, model.config.get_text_config().vocab_size, (args.batch, args.tokens),
                            generator=torch.Generator().manual_seed(0))
-    run = torch.compile if args.compile else (lambda m: m)
+    run = (lambda m: torch.compile(m, options=dynamoq.compile_options())) if args.compile else (lambda m: m)  # noqa: E731
     with _step(args, "timing the full-precision model" + (" (compiling first)" if args.compile else "")):
         fp = _time(run(model), tokens, args.repeats)
     fp_bytes = sum(p.numel() * p.element_size() for b in dynamoq.moe_blocks(model) for p in b.experts.parameters())

@@ -306,6 +306,27 @@ def table(rows, e2e_rows, notes, args) -> str:
     return "\n".join(lines)
 
 
+def _earlier(args) -> dict:
+    path = RESULTS / f"{args.name}.json"
+    if not path.exists():
+        raise SystemExit(f"--merge: {path} does not exist; run without --merge first")
+    return json.loads(path.read_text())
+
+
+def _merged(earlier: dict, now: dict, args) -> dict:
+    """now's rows, plus earlier's rows for the sizes now did not measure (and earlier's end-to-end rows
+    when now ran none); both commands are kept."""
+    measured = {(r["shape"], r["threads"], r["tokens"]) for r in now["rows"]}
+    keep = [r for r in earlier["rows"] if (r["shape"], r["threads"], r["tokens"]) not in measured]
+    shapes = list(dict.fromkeys(r["shape"] for r in earlier["rows"] + now["rows"]))
+    rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"],
+                                                     r["variant"].startswith("torchao"), r["tokens"]))
+    return {**now, "rows": rows, "e2e": now["e2e"] or earlier["e2e"],
+            "notes": earlier["notes"] + [n for n in now["notes"] if n not in earlier["notes"]],
+            "commands": earlier.get("commands", [earlier["command"]]) + [now["command"]],
+            "complete": now["complete"] and earlier["complete"]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=["olmoe", "qwen3"], choices=sorted(SHAPES))
@@ -318,6 +339,9 @@ def main():
     p.add_argument("--e2e-tokens", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 thread, few runs, no end-to-end")
     p.add_argument("--name", default="kernels_cpu")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of recipes/results/NAME.json for the shapes, threads and token counts "
+                        "(and the end-to-end rows) this run does not measure")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (threads then do not apply: reported as 0)")
     args = p.parse_args()
     global DEVICE
@@ -328,10 +352,12 @@ def main():
         args.threads = [0]
     if args.quick:
         args.shapes, args.threads, args.tokens, args.runs, args.e2e = ["tiny"], [1], [1, 16], 5, False
-    # decode sizes share one graph: a dynamic token count whose size 1 is not specialized
-    torch.fx.experimental._config.backed_size_oblivious = True
+    # The token count is marked dynamic (compile_layer): 1 token gets a graph of its own (size 1 is
+    # specialized), the other decode sizes share one, prefill sizes a third. (Not backed_size_oblivious:
+    # under it the decode / prefill choice is not guarded and every size would take the decode path.)
     rows, notes, e2e_rows = [], [], []
     command = "python recipes/bench_kernels.py " + shlex.join(sys.argv[1:])
+    earlier = _earlier(args) if args.merge else {}
     machine = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if DEVICE.type == "cuda" else
                f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
                + "".join(f", {v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if v in os.environ))
@@ -340,12 +366,15 @@ def main():
         """Results so far (after every measured size, so a run killed midway leaves what it measured)."""
         result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine, "complete": done,
                   "rows": rows, "e2e": e2e_rows, "notes": notes, "mixed_bits_per_64_experts": MIX}
+        if earlier:                    # --merge: the earlier run's rows for what this run did not measure
+            result = _merged(earlier, result, args)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-        md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: `{command}` ({machine}, "
+        commands = "; then ".join(f"`{c}`" for c in result.get("commands", [command]))
+        md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: {commands} ({machine}, "
               f"{result['date']}; wall-clock medians of {args.runs} interleaved calls)"
               f"{'' if done else ' - INCOMPLETE: the run stopped before its end'}\n\n"
-              + table(rows, e2e_rows, notes, args) + "\n")
+              + table(result["rows"], result["e2e"], result["notes"], args) + "\n")
         (RESULTS / f"{args.name}.md").write_text(md)
         if done:
             print(md)

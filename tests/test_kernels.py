@@ -161,3 +161,23 @@ def test_unbacked_token_count_one_graph_and_switching_does_not_recompile():
             assert _graphs() == 1
     assert sum(counters["graph_break"].values()) == 0
     assert blk.experts.gate_up_proj.cache_delta.abs().sum() > 0
+
+
+def test_benchmark_merge_replaces_only_the_sizes_measured_again():
+    """recipes/bench_kernels.py --merge: a re-run of some sizes replaces those rows and keeps the others."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    import bench_kernels
+
+    def row(shape, threads, tokens, variant, ms):
+        return {"shape": shape, "threads": threads, "tokens": tokens, "variant": variant, "ms": ms}
+    earlier = {"command": "first", "complete": True, "e2e": [{"threads": 1}], "notes": ["a"],
+               "rows": [row("olmoe", 1, 1, "bf16", 1.0), row("olmoe", 1, 128, "bf16", 2.0),
+                        row("olmoe", 1, 1, "torchao int8", 3.0), row("qwen3", 1, 128, "bf16", 4.0)]}
+    now = {"command": "second", "complete": True, "e2e": [], "notes": ["a", "b"],
+           "rows": [row("olmoe", 1, 128, "bf16", 5.0), row("qwen3", 1, 128, "bf16", 6.0)]}
+    merged = bench_kernels._merged(earlier, now, None)
+    assert [r["ms"] for r in merged["rows"]] == [1.0, 5.0, 3.0, 6.0]
+    assert merged["commands"] == ["first", "second"] and merged["notes"] == ["a", "b"]
+    assert merged["e2e"] == [{"threads": 1}]
