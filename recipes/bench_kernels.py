@@ -10,7 +10,8 @@ end-to-end decode of the real reference model (dynamoq.models.reference("real"))
     python recipes/bench_kernels.py --quick               # small shapes, a smoke run
     python recipes/bench_kernels.py --shapes olmoe --threads 1 --tokens 1 --no-e2e
     python recipes/bench_kernels.py --device cuda --name kernels_gpu   # one command on a GPU (Triton via Inductor)
-    python recipes/bench_kernels.py --shapes --name kernels_cpu_e2e    # end to end only
+    python recipes/bench_kernels.py --shapes --name kernels_e2e        # end to end only
+    python recipes/bench_kernels.py --tokens 128 --no-e2e --merge      # re-measure one size, keep the other rows
 
 Leave OMP_WAIT_POLICY unset: with PASSIVE, every parallel region wakes sleeping threads, and the
 many small kernels of a decode step at 2 threads ran 6.6x slower (24.1 -> 3.66 tokens/s end to end).
