@@ -29,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 
 from . import packing
-from .tensors import DynaMoExperts
+from .tensors import DynaMoExperts, experts_by_width
 
 NAME = "dynamoq"
 aten = torch.ops.aten
@@ -47,14 +47,6 @@ def compile_options() -> dict:
 
 
 # ---- decode ---------------------------------------------------------------------------------------
-def _own_buffer(t: torch.Tensor) -> torch.Tensor:
-    """The same values; under Inductor the result is a buffer of its own (as_strided needs one), so
-    the kernels that read it see its layout instead of recomputing it in theirs. Used for the small
-    per-call tensors whose layout must drive the loop order of the big loop (x rearranged per plane)
-    or that would otherwise pull 16-bit arithmetic into it (the gathered scales)."""
-    return t.as_strided(t.shape, t.stride())
-
-
 def _x_for_plane(xf: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
     """x [S, K] -> [S, G, H, c, L]: entry (g, h, p, l) = x[g * gs + h * c * L + p * L + l] * 2**(-width * p),
     the inputs of byte l of chunk h at bits width * p (packing.py's layout: a view, then the powers)."""
@@ -63,7 +55,7 @@ def _x_for_plane(xf: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
     xp = xf.view(s, k // group_size, group_size // (c * lanes), c, lanes)
     if c > 1:
         xp = xp * (2.0 ** (-width * torch.arange(c, dtype=torch.float32, device=xf.device))).view(c, 1)
-    return _own_buffer(xp.contiguous())
+    return packing.own_buffer(xp.contiguous())
 
 
 PIECE_TERMS = 4            # terms of one reduced piece (see _plane_pieces)
@@ -132,14 +124,14 @@ def decode_width(w, b: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     dev = x.device
     xf = x.float()
     ids = ids.clamp(0, w.num_rows - 1)        # in range by construction: the gathers need no bounds checks
-    scale = _own_buffer(aten._unsafe_index(w.scale, [ids]).float())[..., None]    # [S, N, G, 1]
+    scale = packing.own_buffer(aten._unsafe_index(w.scale, [ids]).float())[..., None]    # [S, N, G, 1]
     zero = aten._unsafe_index(w.zero, [ids])                                        # [S, N, G] uint8
     n = scale.shape[1]
     # sum of x over each group, split over the lanes (any split does: only the lane total counts)
     xsum = xf.view(s_, g, gs // lanes, lanes).sum(2)                                # [S, G, L]
     y = -((zero.float()[..., None] * xsum[:, None]) * scale).sum((-2, -1))
     rows = torch.tensor([sl if eb == b else 0 for eb, sl in w._slots()], device=dev)
-    rows = _own_buffer(aten._unsafe_index(rows, [ids]))                            # [S] slot among the b-bit experts
+    rows = packing.own_buffer(aten._unsafe_index(rows, [ids]))                            # [S] slot among the b-bit experts
     codes = aten._unsafe_index(getattr(w, f"q{b}"), [rows])                        # [S, N, K*b/8], never copied
     start = 0
     for off, width in packing.PLANES[b]:
@@ -177,11 +169,7 @@ def expert_chunks(w, itemsize: int) -> list[list[int]]:
     """The experts in steps of at most CHUNK_BYTES of dequantized weights, each step of one bit-width."""
     n, k = w.scale.shape[1], w.scale.shape[2] * w.group_size
     per = max(1, CHUNK_BYTES // (n * k * itemsize))
-    out = []
-    for b in sorted(set(w.expert_bits)):
-        idx = [e for e, eb in enumerate(w.expert_bits) if eb == b]
-        out += [idx[i:i + per] for i in range(0, len(idx), per)]
-    return out
+    return [idx[i:i + per] for idx in experts_by_width(w.expert_bits).values() for i in range(0, len(idx), per)]
 
 
 def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

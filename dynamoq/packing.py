@@ -136,10 +136,17 @@ def dequantize_runs(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: 
     return ((code.float() - zero[..., None, None, None].float()) * scale[..., None, None, None].float()).to(dtype)
 
 
+def own_buffer(t: torch.Tensor) -> torch.Tensor:
+    """The same values; under Inductor the result is a buffer of its own (as_strided needs one), so the
+    kernels that read it see its layout instead of recomputing it in theirs: the dequantization's runs,
+    x rearranged per plane, gathered scales and rows (a loop then reads them without indirection)."""
+    return t.as_strided(t.shape, t.stride())
+
+
 def flat_runs(w: torch.Tensor) -> torch.Tensor:
     """[..., G, H, c, L] -> [..., K]: first a buffer of its own in the runs' shape (Inductor would otherwise
     index the dequantization through the flat view, with divisions that defeat vectorization)."""
-    return w.as_strided(w.shape, w.stride()).flatten(-4)
+    return own_buffer(w).flatten(-4)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,

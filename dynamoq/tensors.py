@@ -68,8 +68,7 @@ class _PackedWeight(TorchAOBaseTensor):
         """codes [E, N, K] integers, scale/zero [E, N, K // g], expert_bits: E ints; with cache_idx [E, r]
         and the full-precision w_fp [E, N, K], keep those columns for run-time switching."""
         packed = {}
-        for b in sorted(set(expert_bits)):
-            idx = [e for e, eb in enumerate(expert_bits) if eb == b]
+        for b, idx in experts_by_width(expert_bits).items():
             packed[f"q{b}"] = packing.pack(codes[idx], b, group_size)
         if cache_idx is not None:
             cdt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
@@ -93,8 +92,8 @@ class _PackedWeight(TorchAOBaseTensor):
         codes = torch.empty(e, n, k, dtype=torch.int32, device=w.device)
         scale = torch.empty(e, n, k // group_size, dtype=packing.SCALE_DTYPE, device=w.device)
         zero = torch.empty(e, n, k // group_size, dtype=torch.uint8, device=w.device)
-        for b in sorted(set(expert_bits)):
-            idx = torch.tensor([i for i, eb in enumerate(expert_bits) if eb == b], device=w.device)
+        for b, idx in experts_by_width(expert_bits).items():
+            idx = torch.tensor(idx, device=w.device)
             codes[idx], scale[idx], zero[idx] = packing.quantize_rtn(w3[idx], b, group_size)
         return cls.from_codes(codes, scale, zero, expert_bits, group_size, transposed, w.dtype, cache_idx, w3)
 
@@ -124,8 +123,7 @@ class _PackedWeight(TorchAOBaseTensor):
     def dequantize_nk(self, dtype=None):
         """[E, N, K] in dtype (storage layout, never transposed)."""
         groups, order = [], []
-        for b in sorted(set(self.expert_bits)):
-            idx = [e for e, eb in enumerate(self.expert_bits) if eb == b]
+        for idx in experts_by_width(self.expert_bits).values():
             groups.append(self.dequantize_experts(idx, dtype))
             order += idx
         w = torch.cat(groups) if len(groups) > 1 else groups[0]
@@ -135,7 +133,8 @@ class _PackedWeight(TorchAOBaseTensor):
 
     def dequantize_experts(self, experts: list[int], dtype=None) -> torch.Tensor:
         """[len(experts), N, K] in dtype: the given experts, which must share one bit-width, in that order."""
-        b, slots = self.expert_bits[experts[0]], [self._slots()[e][1] for e in experts]
+        b, slot_of = self.expert_bits[experts[0]], self._slots()
+        slots = [slot_of[e][1] for e in experts]
         assert all(self.expert_bits[e] == b for e in experts), "dequantize_experts: experts of several widths"
         pick = _rows(experts, self.num_rows)
         w = packing.dequantize_packed(_rows(slots, getattr(self, f"q{b}").shape[0])(getattr(self, f"q{b}")), b,
@@ -213,10 +212,15 @@ def _rows(idx: list[int], total: int):
     """t -> t[idx] along dim 0: a slice (a view) when idx is a run of consecutive rows."""
     if idx == list(range(idx[0], idx[0] + len(idx))):
         return (lambda t: t) if len(idx) == total else (lambda t: t[idx[0]:idx[0] + len(idx)])  # noqa: E731
-    def gather(t):      # a small buffer of its own: the dequantization then reads it without indirection
-        g = t[torch.tensor(idx, device=t.device)]
-        return g.as_strided(g.shape, g.stride())
-    return gather
+    return lambda t: packing.own_buffer(t[torch.tensor(idx, device=t.device)])  # noqa: E731
+
+
+def experts_by_width(expert_bits) -> dict[int, list[int]]:
+    """bit-width -> the experts that have it, in expert order; widths ascending."""
+    out: dict[int, list[int]] = {}
+    for e, b in sorted(enumerate(expert_bits), key=lambda eb: eb[1]):
+        out.setdefault(b, []).append(e)
+    return out
 
 
 def inverse_permutation(perm: list[int]) -> list[int]:
