@@ -5,9 +5,10 @@ config._experts_implementation == "dynamoq". Packed weights go through expert_li
 of the two paths below; plain weights through transformers' batched_mm.
 
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
-  loop nest per projection and bit-width, C++ on CPU and Triton on GPU. The pairs are first split by
-  their expert's bit-width (positions_of: a custom op whose output sizes are known only at run time, so
-  no routing recompiles), and each width's loop nest runs over its own pairs only. For every pair and
+  loop nest per projection and bit-width, C++ on CPU and Triton on GPU. Each width's loop nest runs
+  over all pairs with the other widths' pairs masked out, or, for big experts on CPU, over its own pairs
+  only (positions_of splits them: a custom op whose output sizes are known only at run time, so no
+  routing recompiles). For every pair and
   output row it walks the groups of the input dimension; each step reads one group of packed codes of
   the pair's expert (gathered by expert id, never copied), unpacks it with masks, multiplies with x and
   adds, then applies the group's zero point and scale. On CPU compile with compile_options() (FMA).
@@ -61,10 +62,11 @@ def _x_for_plane(xf: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
 PIECE_TERMS = 4            # terms of one reduced piece (see _plane_pieces)
 
 
-def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int, scale):
+def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int, scale, member=None):
     """codes [S, N, G, H, L] uint8 (one plane of the pairs' experts), xp [S, G, H, c, L]
     -> pieces [S, N, G, L] whose sum is, per lane, the group's scale [S, N, G, 1] times the sum over h
-    and p of plane value * 2**offset * x.
+    and p of plane value * 2**offset * x. With `member` [S] bool, the pairs outside it skip each piece
+    (masked loads) and give 0.
 
     A piece is PIECE_TERMS terms: Inductor computes a pointwise expression of more than about 50
     operations into a buffer of its own before a reduction reads it (here: [S, N, K / 16] floats); each
@@ -80,21 +82,38 @@ def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int
             term = v.float() * xp[:, None, :, h, p]
             piece = term if piece is None else piece + term
         piece = piece * (scale * float(1 << offset) if offset else scale)
+        if member is not None:
+            piece = aten._unsafe_masked_index(piece, member.view(s_, 1, 1, 1).expand(piece.shape),
+                                              [torch.arange(s_, device=codes.device)], 0.0)
         yield piece
+
+
+# Mixed widths on CPU: split the pairs by width when an expert has at least this many weights. Below it
+# (the real reference model's 576 x 1536 experts, 2 pairs a token) the split's custom-op call and extra
+# loop nests cost more than the masked loads of one loop nest over all pairs. On GPU always masked:
+# Triton's masked loads cost nothing, and the split's sizes would need a device-to-host copy.
+SPLIT_ABOVE = 1 << 20
 
 
 def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w (storage [E, N, K]), x [S, K], ids [S] -> [S, N] fp32.
-    Experts of several bit-widths: the pairs are split by their expert's width (positions_of: sizes
-    known only at run time, so one graph serves every routing), and each width runs its own loop nest
-    over its own pairs."""
+    Experts of several bit-widths either run one loop nest per width over all pairs, each pair masked
+    out of the widths its expert does not have, or (big experts on CPU, where masked loads cost
+    instructions) are first split by width: positions_of, sizes known only at run time, so one graph
+    serves every routing, and each width's loop nest runs over its own pairs."""
     widths = sorted(set(w.expert_bits))
     if len(widths) == 1:
         return decode_width(w, widths[0], x, ids)
-    bits = torch.tensor(w.expert_bits, device=x.device)
-    y = x.new_empty(x.shape[0], w.scale.shape[1], dtype=torch.float32)
-    for b, sel in zip(widths, positions_of(aten._unsafe_index(bits, [ids]), widths)):
-        y = y.index_put((sel,), decode_width(w, b, x[sel], ids[sel]))
+    bits = aten._unsafe_index(torch.tensor(w.expert_bits, device=x.device), [ids.clamp(0, w.num_rows - 1)])
+    if x.device.type == "cpu" and w.scale.shape[1] * w.scale.shape[2] * w.group_size >= SPLIT_ABOVE:
+        y = x.new_empty(x.shape[0], w.scale.shape[1], dtype=torch.float32)
+        for b, sel in zip(widths, positions_of(bits, widths)):
+            y = y.index_put((sel,), decode_width(w, b, x[sel], ids[sel]))
+        return y
+    xf, ids, scale = _pair_inputs(w, x, ids)
+    y = _offset_terms(w, xf, ids, scale)
+    for b in widths:
+        y = y + _code_terms(w, b, xf, ids, scale, member=packing.own_buffer(bits == b))
     return y
 
 
@@ -117,33 +136,49 @@ def decode_width(w, b: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """decode_linear for pairs whose experts all have b bits.
     Cost: every pair reads its own expert's packed codes, scales and zeros once; nothing is materialized
     per pair but [S, N, K / g] fp32 scales."""
-    s_, k = x.shape
-    gs = w.group_size
-    g = k // gs
-    lanes = packing.lanes(gs)
-    dev = x.device
-    xf = x.float()
+    xf, ids, scale = _pair_inputs(w, x, ids)
+    return _offset_terms(w, xf, ids, scale) + _code_terms(w, b, xf, ids, scale)
+
+
+def _pair_inputs(w, x, ids):
+    """x [S, K] -> (x fp32, ids clamped [S], the pairs' scales [S, N, G, 1] fp32)."""
     ids = ids.clamp(0, w.num_rows - 1)        # in range by construction: the gathers need no bounds checks
-    scale = packing.own_buffer(aten._unsafe_index(w.scale, [ids]).float())[..., None]    # [S, N, G, 1]
+    scale = packing.own_buffer(aten._unsafe_index(w.scale, [ids]).float())[..., None]
+    return x.float(), ids, scale
+
+
+def _offset_terms(w, xf, ids, scale) -> torch.Tensor:
+    """The parts of y that do not depend on the codes: minus zero point times the sum of x, per group
+    (sum_k (q_k - z) x_k = sum_k q_k x_k - z sum_k x_k), and the switched channels' corrections -> [S, N]."""
+    s_, k = xf.shape
+    lanes = packing.lanes(w.group_size)
     zero = aten._unsafe_index(w.zero, [ids])                                        # [S, N, G] uint8
-    n = scale.shape[1]
     # sum of x over each group, split over the lanes (any split does: only the lane total counts)
-    xsum = xf.view(s_, g, gs // lanes, lanes).sum(2)                                # [S, G, L]
+    xsum = xf.view(s_, k // w.group_size, w.group_size // lanes, lanes).sum(2)     # [S, G, L]
     y = -((zero.float()[..., None] * xsum[:, None]) * scale).sum((-2, -1))
-    rows = torch.tensor([sl if eb == b else 0 for eb, sl in w._slots()], device=dev)
-    rows = packing.own_buffer(aten._unsafe_index(rows, [ids]))                            # [S] slot among the b-bit experts
-    codes = aten._unsafe_index(getattr(w, f"q{b}"), [rows])                        # [S, N, K*b/8], never copied
-    start = 0
-    for off, width in packing.PLANES[b]:
-        nbytes = k * width // 8
-        plane = codes[..., start:start + nbytes].view(s_, n, g, gs * width // 8 // lanes, lanes)
-        start += nbytes
-        for piece in _plane_pieces(plane, _x_for_plane(xf, width, gs), width, off, scale):
-            y = y + piece.sum((-2, -1))
     if w.cache_idx is not None:                                                     # switched channels
         cols = aten._unsafe_index(w.cache_idx, [ids])                               # [S, r]
         xc = xf.gather(1, cols)
         y = y + (aten._unsafe_index(w.cache_delta, [ids]).float() * xc[:, None, :]).sum(-1)
+    return y
+
+
+def _code_terms(w, b: int, xf, ids, scale, member=None) -> torch.Tensor:
+    """sum over k of scale * code * x for the pairs' b-bit experts -> [S, N]; with member [S] bool,
+    only the pairs in it (the others' rows are read as slot 0 and masked out)."""
+    s_, k = xf.shape
+    gs, n = w.group_size, scale.shape[1]
+    lanes = packing.lanes(gs)
+    rows = torch.tensor([sl if eb == b else 0 for eb, sl in w._slots()], device=xf.device)
+    rows = packing.own_buffer(aten._unsafe_index(rows, [ids]))                     # [S] slot among the b-bit experts
+    codes = aten._unsafe_index(getattr(w, f"q{b}"), [rows])                        # [S, N, K*b/8], never copied
+    y, start = 0, 0
+    for off, width in packing.PLANES[b]:
+        nbytes = k * width // 8
+        plane = codes[..., start:start + nbytes].view(s_, n, k // gs, gs * width // 8 // lanes, lanes)
+        start += nbytes
+        for piece in _plane_pieces(plane, _x_for_plane(xf, width, gs), width, off, scale, member):
+            y = y + piece.sum((-2, -1))
     return y
 
 
@@ -159,16 +194,18 @@ def use_grouped(num_pairs, num_experts: int) -> bool:
     return guard_or_false(num_pairs > GROUPED_PAIRS_PER_EXPERT * num_experts)
 
 
-# Experts dequantized per step of the prefill path. glibc's malloc maps every block over 32 MB afresh
-# (and unmaps it when freed): a bigger buffer would be page-faulted in on every call, which cost more
-# than the dequantization itself (OLMoE gate_up, 64 experts at once: 0.8 G weights/s; 2 at a time: 4.1).
+# Experts dequantized per step of the prefill path. On CPU, glibc's malloc maps every block over 32 MB
+# afresh (and unmaps it when freed): a bigger buffer would be page-faulted in on every call, which cost
+# more than the dequantization itself (OLMoE gate_up, 64 experts at once: 0.8 G weights/s; 2 at a time:
+# 4.1). CUDA's caching allocator keeps its blocks: there one step per width (fewer, bigger kernels).
 CHUNK_BYTES = 16 << 20
+CHUNK_BYTES_GPU = 4 << 30
 
 
-def expert_chunks(w, itemsize: int) -> list[list[int]]:
-    """The experts in steps of at most CHUNK_BYTES of dequantized weights, each step of one bit-width."""
+def expert_chunks(w, itemsize: int, device: torch.device = torch.device("cpu")) -> list[list[int]]:
+    """The experts in steps of at most CHUNK_BYTES (on CPU) of dequantized weights, each of one bit-width."""
     n, k = w.scale.shape[1], w.scale.shape[2] * w.group_size
-    per = max(1, CHUNK_BYTES // (n * k * itemsize))
+    per = max(1, (CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_GPU) // (n * k * itemsize))
     return [idx[i:i + per] for idx in experts_by_width(w.expert_bits).values() for i in range(0, len(idx), per)]
 
 
@@ -177,7 +214,7 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     and one grouped matmul over the pairs routed to them."""
     from transformers.integrations.moe import _grouped_mm
     dtype = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float32   # the model's own 16 bits
-    chunks = expert_chunks(w, dtype.itemsize)
+    chunks = expert_chunks(w, dtype.itemsize, x.device)
     chunk_of, local_of = [0] * w.num_rows, [0] * w.num_rows
     for c, experts in enumerate(chunks):
         for j, e in enumerate(experts):

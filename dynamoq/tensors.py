@@ -75,7 +75,7 @@ class _PackedWeight(TorchAOBaseTensor):
             cols = cache_idx[:, None, :].expand(-1, w_fp.shape[1], -1)
             fp = w_fp.gather(-1, cols).to(cdt)                                              # [E, N, r]
             packed.update(cache_idx=cache_idx.long(), cache_fp=fp, cache_delta=torch.zeros_like(fp),
-                          cache_level=torch.tensor(expert_bits, dtype=torch.int32))
+                          cache_level=torch.tensor(expert_bits, dtype=torch.int32, device=fp.device))
         return cls(scale.to(packing.SCALE_DTYPE), zero.to(torch.uint8), expert_bits, group_size, transposed,
                    dtype, **packed)
 

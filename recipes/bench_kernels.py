@@ -4,7 +4,8 @@ top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side b
 process (interleaved, median of --runs calls, each call routing a different input). Variants: bf16
 with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on the experts where
 they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits). Plus
-end-to-end decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16.
+end-to-end decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16
+(on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4 layers, random weights).
 
     python recipes/bench_kernels.py                       # everything (about an hour on 2 cores)
     python recipes/bench_kernels.py --quick               # small shapes, a smoke run
@@ -20,7 +21,9 @@ Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are ran
 speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation (torchao rows: over bf16 timed beside them, after a dynamo reset);
 effective bits (stored bits per expert weight, scales and zeros included); bytes of expert weights
 read per token (distinct experts the routed tokens touch, averaged over the inputs); fraction of the
-memory-bound limit reached, speedup / (16 / effective bits).
+memory-bound limit reached, speedup / (16 / effective bits); relative error of the compiled output
+against the same layer run eagerly. On a GPU each timed sample is --reps calls between two
+synchronizations, and the notes give the number of Triton kernels Inductor generated per variant.
 """
 from __future__ import annotations
 
@@ -181,18 +184,40 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def measure(fns: dict, xs: list, runs: int) -> dict:
-    """Interleaved: every run calls each variant once on the same input; median seconds per call."""
+def measure(fns: dict, xs: list, runs: int, reps: int = 1) -> dict:
+    """Interleaved: every run calls each variant `reps` times on the same input (on a GPU, between two
+    synchronizations: one sync per call would add its own latency to every variant); median seconds
+    per call."""
     times = {k: [] for k in fns}
     for r in range(runs):
         x = xs[r % len(xs)]
         for k, f in fns.items():
             _sync()
             t0 = time.perf_counter()
-            f(x)
+            for _ in range(reps):
+                f(x)
             _sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((time.perf_counter() - t0) / reps)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rel_error(layer, f, x) -> float:
+    """Compiled output against the same layer run eagerly: |y - y_eager| / |y_eager|."""
+    with torch.no_grad():
+        ref = layer(x).float()
+    return ((f(x).float() - ref).norm() / ref.norm()).item()
+
+
+def triton_kernels(f, x) -> int:
+    """Triton kernels in the code Inductor generates while f(x) compiles (0 if nothing compiles).
+    (Not torch._inductor.utils.run_and_get_code: it resets dynamo, dropping every variant's graphs.)"""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+    codes = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        f(x)
+    return sum(code.count("@triton.jit") for code in codes)
 
 
 def run_shape(shape, args, rows, notes, on_rows=lambda: None):
@@ -228,19 +253,22 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
 
 def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes, report_bf16):
     xs = inputs(block, tokens, args.pool)
-    ok = {}
+    ok, err = {}, {}
     for name, f in fns.items():           # compile (and check) before timing
         try:
             t0 = time.perf_counter()
+            if DEVICE.type == "cuda" and name.startswith("dynamoq") and (n := triton_kernels(f, xs[0])):
+                notes.append(f"{shape}, {tokens} tokens, {name}: {n} Triton kernels in the graph compiled")
             f(xs[0])
-            f(xs[1 % len(xs)])
+            err[name] = rel_error(layers[name][0], f, xs[1 % len(xs)])
             ok[name] = f
-            print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s, "
+                  f"error vs eager {err[name]:.1e})", flush=True)
         except Exception as e:
             notes.append(f"{shape}, {threads} threads, {tokens} tokens: {name} failed: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160]}")
             traceback.print_exc()
-    secs = measure(ok, xs, args.runs)
+    secs = measure(ok, xs, args.runs, args.reps)
     bf16 = min(v for k, v in secs.items() if k.startswith("bf16"))
     for name, s in secs.items():
         if name.startswith("bf16") and not report_bf16:
@@ -251,52 +279,84 @@ def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes
         rows.append({"shape": shape, "threads": threads, "tokens": tokens, "variant": name,
                      "ms": 1e3 * s, "tokens_per_s": tokens / s, "speedup": speedup,
                      "effective_bits": eff, "bytes_per_token": bytes_per_token(block, xs, ebits),
+                     "error_vs_eager": err[name],
                      "limit_fraction": speedup / (16 / eff)})
         print(f"  {shape} {threads}t {tokens:4d} tok  {name:24s} {1e3 * s:9.2f} ms  x{speedup:5.2f}", flush=True)
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-def e2e(args, notes) -> list[dict]:
-    """Greedy decode of the real reference model, one token per step with a static cache, compiled
-    decode step; bf16 against DynaMo mixed (~3 storage bits) and uniform 4-bit experts (group 64)."""
+def e2e_model(which: str):
+    """-> (a function making the bf16 model on DEVICE, prompt ids [1, T]) or None when not available.
+    "real": the real reference model; "olmoe": OLMoE-1B-7B's shape with E2E_LAYERS layers, random weights
+    (for machines without the reference model's source, such as a GPU machine with no network)."""
     import transformers
+    if which == "olmoe":
+        cfg = AutoConfig.for_model("olmoe", hidden_size=2048, intermediate_size=1024, num_experts=64,
+                                   num_experts_per_tok=8, num_hidden_layers=E2E_LAYERS, num_attention_heads=16,
+                                   num_key_value_heads=16, vocab_size=50304)
+
+        def make():
+            torch.manual_seed(0)
+            m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(DEVICE).eval()
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.dim() > 1:
+                        p.normal_(0, 0.02)
+            return m
+        return make, torch.randint(0, 50304, (1, 8), generator=torch.Generator().manual_seed(0))
     from dynamoq.reference import is_built, path_of
     path = path_of("real")
     if not is_built(path, "real"):
-        notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
-        return []
+        return None
     tok = transformers.AutoTokenizer.from_pretrained(path)
     prompt = tok("The history of the city begins", return_tensors="pt").input_ids
-    rows = []
+    return (lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval(),
+            prompt)
+
+
+E2E_LAYERS = 4
+
+
+def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
+    """Greedy decode, one token per step with a static cache, compiled decode step; bf16 against DynaMo
+    mixed (~3 storage bits) and uniform 4-bit experts (group 64); appends to rows."""
+    got = e2e_model(args.e2e_model)
+    if got is None:
+        notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
+        return
+    make, prompt = got
     for threads in args.threads:
         if threads:
             torch.set_num_threads(threads)
         for label in ("bf16", "dynamoq mixed 2/4/6/8", "dynamoq 4-bit"):
             torch._dynamo.reset()
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+            model = make()
             if label != "bf16":
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
                 dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64), progress=False)
             tps, text = decode_rate(model, prompt, args.e2e_tokens)
             rep = dynamoq.bits_report(model) if label != "bf16" else {"storage_bits": 16.0}
-            rows.append({"threads": threads, "variant": label, "tokens_per_s": tps,
+            rows.append({"model": args.e2e_model, "threads": threads, "variant": label, "tokens_per_s": tps,
                          "expert_storage_bits": rep["storage_bits"], "text": text})
             print(f"  e2e {threads}t {label:24s} {tps:8.2f} tokens/s", flush=True)
             del model
-    return rows
+            on_row()
 
 
 # ---- report -------------------------------------------------------------------------------------
-def table(rows, e2e_rows, notes, args) -> str:
+def table(rows, e2e_rows, notes) -> str:
     lines = ["| shape | threads | tokens | variant | ms | tokens/s | speedup vs bf16 | eff. bits | "
-             "MB read / token | of memory-bound limit |", "|" + "---|" * 10] if rows else []
+             "MB read / token | of memory-bound limit | error vs eager |", "|" + "---|" * 11] if rows else []
     for r in rows:
+        err = f"{r['error_vs_eager']:.1e}" if "error_vs_eager" in r else "-"
         lines.append(f"| {r['shape']} | {r['threads']} | {r['tokens']} | {r['variant']} | {r['ms']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['effective_bits']:.2f} | "
-                     f"{r['bytes_per_token'] / 1e6:.2f} | {100 * r['limit_fraction']:.0f}% |")
+                     f"{r['bytes_per_token'] / 1e6:.2f} | {100 * r['limit_fraction']:.0f}% | {err} |")
     if e2e_rows:
-        lines += ["", "End-to-end greedy decode, real reference model (compiled decode step, static cache):", "",
+        model = {"olmoe": f"OLMoE-1B-7B shape, {E2E_LAYERS} layers, random weights"}.get(
+            e2e_rows[0].get("model"), "real reference model")
+        lines += ["", f"End-to-end greedy decode, {model} (compiled decode step, static cache):", "",
                   "| threads | experts | expert bits | decode tokens/s | vs bf16 |", "|---|---|---|---|---|"]
         base = {r["threads"]: r["tokens_per_s"] for r in e2e_rows if r["variant"] == "bf16"}
         for r in e2e_rows:
@@ -314,7 +374,7 @@ def _earlier(args) -> dict:
     return json.loads(path.read_text())
 
 
-def _merged(earlier: dict, now: dict, args) -> dict:
+def _merged(earlier: dict, now: dict) -> dict:
     """now's rows, plus earlier's rows for the sizes now did not measure (and earlier's end-to-end rows
     when now ran none); both commands are kept."""
     measured = {(r["shape"], r["threads"], r["tokens"]) for r in now["rows"]}
@@ -328,6 +388,29 @@ def _merged(earlier: dict, now: dict, args) -> dict:
             "complete": now["complete"] and earlier["complete"]}
 
 
+def save(name: str, result: dict) -> str:
+    """recipes/results/NAME.json and NAME.md; returns the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    commands = "; then ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+    md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: {commands} ({result['machine']}, "
+          f"{result['date']}; wall-clock medians of interleaved calls)"
+          f"{'' if result['complete'] else ' - INCOMPLETE: a run stopped before its end'}\n\n"
+          + table(result["rows"], result["e2e"], result["notes"]) + "\n")
+    (RESULTS / f"{name}.md").write_text(md)
+    return md
+
+
+def combine(name: str, files: list[str]) -> None:
+    """NAME from result files of separate runs (as --merge would have made them, in the order given):
+    for runs on a machine whose files come back one by one, such as a lent GPU."""
+    results = [json.loads(Path(f).read_text()) for f in files]
+    out = results[0]
+    for r in results[1:]:
+        out = _merged(out, r)
+    print(save(name, out))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=["olmoe", "qwen3"], choices=sorted(SHAPES))
@@ -338,19 +421,28 @@ def main():
     p.add_argument("--variants", nargs="*", help="only variants whose name contains one of these")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
     p.add_argument("--e2e-tokens", type=int, default=48)
+    p.add_argument("--e2e-model", choices=["real", "olmoe"], default=None,
+                   help="real reference model (default on CPU) or an OLMoE-shaped one (default on GPU)")
+    p.add_argument("--reps", type=int, default=None, help="calls per timed sample (default 1 on CPU, 10 on GPU)")
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 thread, few runs, no end-to-end")
     p.add_argument("--name", default="kernels_cpu")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of recipes/results/NAME.json for the shapes, threads and token counts "
                         "(and the end-to-end rows) this run does not measure")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (threads then do not apply: reported as 0)")
+    p.add_argument("--combine", nargs="+", metavar="FILE",
+                   help="measure nothing: write NAME from these result files, merged in order")
     args = p.parse_args()
+    if args.combine:
+        return combine(args.name, args.combine)
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is visible to torch")
         args.threads = [0]
+    args.e2e_model = args.e2e_model or ("olmoe" if DEVICE.type == "cuda" else "real")
+    args.reps = args.reps or (10 if DEVICE.type == "cuda" else 1)
     if args.quick:
         args.shapes, args.threads, args.tokens, args.runs, args.e2e = ["tiny"], [1], [1, 16], 5, False
     # The token count is marked dynamic (compile_layer): 1 token gets a graph of its own (size 1 is
@@ -368,22 +460,16 @@ def main():
         result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine, "complete": done,
                   "rows": rows, "e2e": e2e_rows, "notes": notes, "mixed_bits_per_64_experts": MIX}
         if earlier:                    # --merge: the earlier run's rows for what this run did not measure
-            result = _merged(earlier, result, args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-        commands = "; then ".join(f"`{c}`" for c in result.get("commands", [command]))
-        md = (f"<!-- written by recipes/bench_kernels.py; do not edit -->\nCommand: {commands} ({machine}, "
-              f"{result['date']}; wall-clock medians of {args.runs} interleaved calls)"
-              f"{'' if done else ' - INCOMPLETE: the run stopped before its end'}\n\n"
-              + table(result["rows"], result["e2e"], result["notes"], args) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(md)
+            result = _merged(earlier, result)
+        md = save(args.name, result)
         if done:
             print(md)
 
     for shape in args.shapes:
         print(f"== {shape}", flush=True)
         run_shape(shape, args, rows, notes, on_rows=lambda: write(False))
-    e2e_rows += e2e(args, notes) if args.e2e else []
+    if args.e2e:
+        e2e(args, notes, e2e_rows, on_row=lambda: write(False))
     write(True)
 
 

@@ -22,6 +22,14 @@ def _experts(bits, n=48, k=256, g=64, transposed=False, cache=0, dtype=torch.flo
     return DynaMoExperts.from_float(w, bits, g, transposed=transposed, cache_idx=cache_idx)
 
 
+@pytest.fixture(params=["masked", "split"])
+def decode_mode(request, monkeypatch):
+    """Mixed widths in decode: one loop nest per width over all pairs, masked, or split by width first
+    (kernels.SPLIT_ABOVE: which one an expert's size picks on CPU)."""
+    monkeypatch.setattr(kernels, "SPLIT_ABOVE", 0 if request.param == "split" else 1 << 62)
+    return request.param
+
+
 def _reference(t, x, ids):
     return torch.einsum("snk,sk->sn", t.dequantize_nk(torch.float32)[ids], x.float())
 
@@ -34,7 +42,7 @@ def _switch(t):
 
 @pytest.mark.parametrize("bits", [(2,) * 4, (3,) * 4, (4,) * 4, (6,) * 4, (8,) * 4, MIXED])
 @pytest.mark.parametrize("g", [32, 64, 128])
-def test_decode_and_prefill_paths_match_the_dequantized_weights(bits, g):
+def test_decode_and_prefill_paths_match_the_dequantized_weights(bits, g, decode_mode):
     t = _experts(bits, g=g)
     x = torch.randn(9, 256)
     ids = torch.randint(0, len(bits), (9,))
@@ -44,7 +52,7 @@ def test_decode_and_prefill_paths_match_the_dequantized_weights(bits, g):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_transposed_layout_and_switching_cache(transposed):
+def test_transposed_layout_and_switching_cache(transposed, decode_mode):
     t = _experts(MIXED, transposed=transposed, cache=5)
     _switch(t)
     x, ids = torch.randn(6, 256), torch.tensor([0, 1, 2, 3, 4, 7])
@@ -54,10 +62,10 @@ def test_transposed_layout_and_switching_cache(transposed):
     assert torch.allclose(kernels.grouped_linear(t, x, ids), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_decode_is_one_loop_nest_without_per_pair_intermediates():
-    """Mixed widths, bf16 activations: the compiled decode (one loop nest per width, over that width's
-    pairs) matches the reference, and nothing per pair and weight is materialized: the largest buffers
-    are the [S, N, K/g] scales and x rearranged [S, K]."""
+def test_compiled_decode_is_one_loop_nest_without_per_pair_intermediates(decode_mode):
+    """Mixed widths, bf16 activations: the compiled decode (one loop nest per width, masked or split)
+    matches the reference, and nothing per pair and weight is materialized: the largest buffers are the
+    [S, N, K/g] scales and x rearranged [S, K]."""
     t = _experts(MIXED, n=64, k=512, g=128, cache=4)
     x, ids = torch.randn(5, 512, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 4, 7])
     torch._dynamo.reset()
@@ -143,7 +151,7 @@ def test_fullgraph_backed_token_count_one_graph_for_decode_one_for_prefill():
     assert sum(counters["graph_break"].values()) == 0
 
 
-def test_unbacked_token_count_one_graph_and_switching_does_not_recompile():
+def test_unbacked_token_count_one_graph_and_switching_does_not_recompile(decode_mode):
     """The token count unbacked: one graph for every size. Switching rewrites the cache tensors in place
     between calls: the compiled model sees it and recompiles nothing."""
     blk = _block(MIXED, cache=4)
@@ -177,7 +185,36 @@ def test_benchmark_merge_replaces_only_the_sizes_measured_again():
                         row("olmoe", 1, 1, "torchao int8", 3.0), row("qwen3", 1, 128, "bf16", 4.0)]}
     now = {"command": "second", "complete": True, "e2e": [], "notes": ["a", "b"],
            "rows": [row("olmoe", 1, 128, "bf16", 5.0), row("qwen3", 1, 128, "bf16", 6.0)]}
-    merged = bench_kernels._merged(earlier, now, None)
+    merged = bench_kernels._merged(earlier, now)
     assert [r["ms"] for r in merged["rows"]] == [1.0, 5.0, 3.0, 6.0]
     assert merged["commands"] == ["first", "second"] and merged["notes"] == ["a", "b"]
     assert merged["e2e"] == [{"threads": 1}]
+
+
+def test_benchmark_combine_writes_one_table_from_separate_runs(tmp_path, monkeypatch):
+    """--combine FILE...: the results of separate runs (a GPU machine's, fetched one by one) merged in order
+    into NAME.{json,md}; a run that stopped early marks the table incomplete."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    import bench_kernels
+    monkeypatch.setattr(bench_kernels, "RESULTS", tmp_path)
+
+    def result(command, complete, rows, e2e=()):
+        return {"command": command, "date": "d", "machine": "m", "complete": complete, "notes": [],
+                "e2e": list(e2e), "rows": [{"shape": "olmoe", "threads": 0, "tokens": t, "variant": "bf16 grouped_mm",
+                                            "ms": ms, "tokens_per_s": t / ms, "speedup": 1.0, "effective_bits": 16.0,
+                                            "bytes_per_token": 1e6, "limit_fraction": 1.0} for t, ms in rows]}
+    files = []
+    for i, r in enumerate([result("a", False, [], [{"model": "olmoe", "threads": 0, "variant": "bf16",
+                                                      "tokens_per_s": 9.0, "expert_storage_bits": 16.0}]),
+                           result("b", True, [(1, 0.5)]), result("c", True, [(1, 0.25), (128, 2.0)])]):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(r))
+    bench_kernels.combine("gpu", [str(f) for f in files])
+    out = json.loads((tmp_path / "gpu.json").read_text())
+    assert [(r["tokens"], r["ms"]) for r in out["rows"]] == [(1, 0.25), (128, 2.0)]
+    assert out["commands"] == ["a", "b", "c"] and not out["complete"] and out["e2e"][0]["tokens_per_s"] == 9.0
+    md = (tmp_path / "gpu.md").read_text()
+    assert "INCOMPLETE" in md and "| olmoe | 0 | 128 | bf16 grouped_mm | 2.00 |" in md and "OLMoE-1B-7B shape" in md

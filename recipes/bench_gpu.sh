@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (an H200 here): the kernel benchmark on CUDA, where Inductor emits Triton.
+#   bash recipes/bench_gpu.sh [OUT]      # results: recipes/results/kernels_gpu.{json,md}, copied to OUT
+# Steps in order of importance, each under its own time limit (seconds, overridable) so that a slow step
+# leaves the others' results, all merged into one file: the OLMoE shape at 1, 16 and 128 tokens for bf16,
+# uniform 3-bit and DynaMo mixed (FIRST_S); end-to-end decode of an OLMoE-shaped model (E2E_S); the
+# other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
+# machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
+# Wheels in .whl/ (a machine with no network and other package versions) are installed to /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-recipes/results}}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'torchao', torchao.__version__)" 2>&1 | grep -v "Failed to load"
+rm -f recipes/results/kernels_gpu.json
+step() {  # step SECONDS ARGS...: one run of the benchmark, stopped after SECONDS, merged into kernels_gpu
+  local s=$1; shift
+  local m=$([ -f recipes/results/kernels_gpu.json ] && echo --merge)
+  echo "== $* (limit ${s} s)"; local t0=$SECONDS
+  timeout -k 10 "$s" python3 recipes/bench_kernels.py --device cuda --name kernels_gpu $m "$@"
+  echo "== rc $? after $((SECONDS - t0)) s"
+}
+step "${FIRST_S:-300}" --shapes olmoe --tokens 1 16 128 --variants grouped_mm 3-bit mixed --no-e2e
+step "${E2E_S:-150}" --shapes
+step "${REST_S:-300}" --shapes olmoe --no-e2e
+step "${QWEN3_S:-300}" --shapes qwen3 --no-e2e
+cp recipes/results/kernels_gpu.json recipes/results/kernels_gpu.md "$OUT"/ 2>/dev/null
+ls -la "$OUT"
