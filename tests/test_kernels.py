@@ -25,9 +25,19 @@ def _experts(bits, n=48, k=256, g=64, transposed=False, cache=0, dtype=torch.flo
 @pytest.fixture(params=["masked", "split"])
 def decode_mode(request, monkeypatch):
     """Mixed widths in decode: one loop nest per width over all pairs, masked, or split by width first
-    (kernels.SPLIT_ABOVE: which one an expert's size picks on CPU)."""
-    monkeypatch.setattr(kernels, "SPLIT_ABOVE", 0 if request.param == "split" else 1 << 62)
+    (kernels.split_by_width: which one an expert's size and group size pick on CPU)."""
+    monkeypatch.setattr(kernels, "split_by_width", lambda w, x: request.param == "split")
     return request.param
+
+
+def test_split_by_width_picks_big_experts_in_groups_of_128_on_cpu():
+    def t(n, k, g):
+        return _experts(MIXED, n=n, k=k, g=g)
+    x = torch.zeros(1, 8)
+    assert kernels.split_by_width(t(2048, 768, 128), x)                    # Qwen3-30B-A3B's down_proj
+    assert not kernels.split_by_width(t(576, 1536, 64), x)                 # the real reference model's
+    assert not kernels.split_by_width(t(2048, 1024, 64), x)                # 8-byte lanes: masked
+    assert not kernels.split_by_width(t(64, 256, 128), x)                  # small
 
 
 def _reference(t, x, ids):
