@@ -59,27 +59,28 @@ def _x_for_plane(xf: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
     return packing.own_buffer(xp.contiguous())
 
 
-# bit-width -> terms of one reduced piece (see _plane_pieces). One thread, 2048 x 2048 experts g128,
-# 8 pairs, ms with 4 / 8 terms: 2-bit 3.37 / 3.30, 3-bit 3.50 / 5.58, 4-bit 5.03 / 4.34, 6-bit 5.40 / 7.37.
-PIECE_TERMS = {2: 4, 3: 4, 4: 8, 6: 4, 8: 4}
+# Terms of one reduced piece (see _plane_pieces). 8 was tried (one thread, 2048 x 2048 experts g128,
+# 8 pairs, ms with 4 / 8 terms: 2-bit 3.37 / 3.30, 3-bit 3.50 / 5.58, 4-bit 5.03 / 4.34, 6-bit 5.40 /
+# 7.37), but 4-bit's gain at a fixed size turned into a loss in the graph with a dynamic token count
+# (OLMoE layer, 4 tokens: 1.5x bf16 -> 0.68x; 16 tokens 0.35x).
+PIECE_TERMS = 4
 
 
-def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int, scale, member=None,
-                  per: int = 4):
+def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int, scale, member=None):
     """codes [S, N, G, H, L] uint8 (one plane of the pairs' experts), xp [S, G, H, c, L]
     -> pieces [S, N, G, L] whose sum is, per lane, the group's scale [S, N, G, 1] times the sum over h
     and p of plane value * 2**offset * x. With `member` [S] bool, the pairs outside it skip each piece
     (masked loads) and give 0.
 
-    A piece is `per` terms (PIECE_TERMS): Inductor computes a pointwise expression of more than about 50
+    A piece is PIECE_TERMS terms: Inductor computes a pointwise expression of more than about 50
     operations into a buffer of its own before a reduction reads it (here: [S, N, K / 16] floats); each
     piece is reduced on its own instead, and all the reductions share one loop nest."""
     c = 8 // width
     s_ = codes.shape[0]
     terms = [(h, p) for h in range(codes.shape[3]) for p in range(c)]
-    for i in range(0, len(terms), per):
+    for i in range(0, len(terms), PIECE_TERMS):
         piece = None
-        for h, p in terms[i:i + per]:
+        for h, p in terms[i:i + PIECE_TERMS]:
             chunk = codes[:, :, :, h]
             v = chunk.to(torch.int32) & (((1 << width) - 1) << (width * p)) if c > 1 else chunk
             term = v.float() * xp[:, None, :, h, p]
@@ -191,7 +192,7 @@ def _code_terms(w, b: int, xf, ids, scale, member=None) -> torch.Tensor:
         nbytes = k * width // 8
         plane = codes[..., start:start + nbytes].view(s_, n, k // gs, gs * width // 8 // lanes, lanes)
         start += nbytes
-        for piece in _plane_pieces(plane, _x_for_plane(xf, width, gs), width, off, scale, member, PIECE_TERMS[b]):
+        for piece in _plane_pieces(plane, _x_for_plane(xf, width, gs), width, off, scale, member):
             y = y + piece.sum((-2, -1))
     return y
 
