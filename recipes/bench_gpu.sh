@@ -3,7 +3,8 @@
 #   bash recipes/bench_gpu.sh [OUT]      # results: recipes/results/kernels_gpu.{json,md}, copied to OUT
 # Steps in order of importance, each under its own time limit (seconds, overridable) so that a slow step
 # leaves the others' results, all merged into one file: the OLMoE shape at 1, 16 and 128 tokens for bf16,
-# uniform 3-bit and DynaMo mixed (FIRST_S); end-to-end decode of an OLMoE-shaped model (E2E_S); the
+# uniform 3-bit and DynaMo mixed (FIRST_S); the same at 1 and 16 tokens replayed as CUDA graphs, into
+# kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an OLMoE-shaped model (E2E_S); the
 # other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
 # machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
 # Wheels in .whl/ (a machine with no network and other package versions) are installed to /tmp/site first.
@@ -29,8 +30,11 @@ step() {  # step SECONDS ARGS...: one run of the benchmark, stopped after SECOND
   echo "== rc $? after $((SECONDS - t0)) s"
 }
 step "${FIRST_S:-300}" --shapes olmoe --tokens 1 16 128 --variants grouped_mm 3-bit mixed --no-e2e
+echo "== CUDA graphs (limit ${GRAPHS_S:-150} s)"   # launch-bound at 1 token: the same rows replayed as CUDA graphs
+timeout -k 10 "${GRAPHS_S:-150}" python3 recipes/bench_kernels.py --device cuda --cudagraphs --name kernels_gpu_cudagraphs \
+  --shapes olmoe --tokens 1 16 --variants grouped_mm 3-bit mixed --no-e2e
 step "${E2E_S:-150}" --shapes
 step "${REST_S:-300}" --shapes olmoe --no-e2e
 step "${QWEN3_S:-300}" --shapes qwen3 --no-e2e
-cp recipes/results/kernels_gpu.json recipes/results/kernels_gpu.md "$OUT"/ 2>/dev/null
+cp recipes/results/kernels_gpu*.json recipes/results/kernels_gpu*.md "$OUT"/ 2>/dev/null
 ls -la "$OUT"

@@ -57,6 +57,7 @@ SHAPES = {   # name: (model type, hidden, expert width, experts, top-k)
 MIX = {2: 44, 4: 16, 6: 2, 8: 2}              # experts per width out of 64: 2.81 code bits, 3.0 stored (g128)
 PROJ = ("gate_up_proj", "down_proj")
 DEVICE = torch.device("cpu")                  # --device
+EXTRA_OPTIONS: dict = {}                      # --cudagraphs
 
 
 # ---- layers and variants --------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def bytes_per_token(block, xs, expert_bits) -> float:
 
 
 def compile_layer(layer, fullgraph: bool):
-    f = torch.compile(layer, fullgraph=fullgraph, options=dynamoq.compile_options())
+    f = torch.compile(layer, fullgraph=fullgraph, options={**dynamoq.compile_options(), **EXTRA_OPTIONS})
 
     def run(x):
         torch._dynamo.mark_dynamic(x, 1)
@@ -430,6 +431,9 @@ def main():
                    help="keep the rows of recipes/results/NAME.json for the shapes, threads and token counts "
                         "(and the end-to-end rows) this run does not measure")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (threads then do not apply: reported as 0)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="GPU: replay each compiled graph as a CUDA graph (Inductor's triton.cudagraphs, what "
+                        "mode='reduce-overhead' sets): no launch overhead per kernel")
     p.add_argument("--combine", nargs="+", metavar="FILE",
                    help="measure nothing: write NAME from these result files, merged in order")
     args = p.parse_args()
@@ -437,6 +441,8 @@ def main():
         return combine(args.name, args.combine)
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.cudagraphs:
+        EXTRA_OPTIONS["triton.cudagraphs"] = True
     if DEVICE.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is visible to torch")
