@@ -228,3 +228,30 @@ def test_benchmark_combine_writes_one_table_from_separate_runs(tmp_path, monkeyp
     assert out["commands"] == ["a", "b", "c"] and not out["complete"] and out["e2e"][0]["tokens_per_s"] == 9.0
     md = (tmp_path / "gpu.md").read_text()
     assert "INCOMPLETE" in md and "| olmoe | 0 | 128 | bf16 grouped_mm | 2.00 |" in md and "OLMoE-1B-7B shape" in md
+
+
+def test_benchmark_quick_run_measures_and_checks_every_variant(tmp_path, monkeypatch):
+    """recipes/bench_kernels.py --quick (the GPU script's code path, on CPU): rows for every size and
+    variant asked, the compiled output checked against the eager layer, files written."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    import bench_kernels
+    monkeypatch.setattr(bench_kernels, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--quick", "--variants", "batched", "mixed",
+                                      "--runs", "3", "--name", "quick"])
+    torch._dynamo.reset()
+    threads = torch.get_num_threads()
+    try:
+        bench_kernels.main()              # sets 1 thread
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads((tmp_path / "quick.json").read_text())
+    assert out["complete"]
+    assert sorted((r["tokens"], r["variant"]) for r in out["rows"]) == [
+        (1, "bf16 batched_mm"), (1, "dynamoq mixed 2/4/6/8"), (16, "bf16 batched_mm"), (16, "dynamoq mixed 2/4/6/8")]
+    for r in out["rows"]:
+        assert r["error_vs_eager"] < 2e-2 and r["ms"] > 0
+        assert r["effective_bits"] == 16.0 if r["variant"].startswith("bf16") else 2.5 < r["effective_bits"] < 3.5
+    assert "| tiny | 1 | 16 | dynamoq mixed 2/4/6/8 |" in (tmp_path / "quick.md").read_text()
