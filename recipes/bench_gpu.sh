@@ -8,6 +8,9 @@
 # other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
 # machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
 # Wheels in .whl/ (a machine with no network and other package versions) are installed to /tmp/site first.
+# The lent H200 had torch 2.11, transformers 5.17 and no torchao (2026-11-29); fetch the pinned ones with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl transformers==5.24.0 torchao==0.18.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-recipes/results}}
