@@ -104,9 +104,14 @@ def _plane_pieces(codes: torch.Tensor, xp: torch.Tensor, width: int, offset: int
 SPLIT_ABOVE = 1 << 20
 
 
+def _nk(w) -> tuple[int, int]:
+    """(N, K) of one expert of w in storage layout."""
+    return w.scale.shape[1], w.scale.shape[2] * w.group_size
+
+
 def split_by_width(w, x: torch.Tensor) -> bool:
     """Whether decode_linear splits the pairs by width first (else: masks them per width)."""
-    n, k = w.scale.shape[1], w.scale.shape[2] * w.group_size
+    n, k = _nk(w)
     return x.device.type == "cpu" and packing.lanes(w.group_size) == 16 and n * k >= SPLIT_ABOVE
 
 
@@ -121,7 +126,7 @@ def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return decode_width(w, widths[0], x, ids)
     bits = aten._unsafe_index(torch.tensor(w.expert_bits, device=x.device), [ids.clamp(0, w.num_rows - 1)])
     if split_by_width(w, x):
-        y = x.new_empty(x.shape[0], w.scale.shape[1], dtype=torch.float32)
+        y = x.new_empty(x.shape[0], _nk(w)[0], dtype=torch.float32)
         for b, sel in zip(widths, positions_of(bits, widths)):
             y = y.index_put((sel,), decode_width(w, b, x[sel], ids[sel]))
         return y
@@ -219,7 +224,7 @@ CHUNK_BYTES_GPU = 4 << 30
 
 def expert_chunks(w, itemsize: int, device: torch.device = torch.device("cpu")) -> list[list[int]]:
     """The experts in steps of at most CHUNK_BYTES (on CPU) of dequantized weights, each of one bit-width."""
-    n, k = w.scale.shape[1], w.scale.shape[2] * w.group_size
+    n, k = _nk(w)
     per = max(1, (CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_GPU) // (n * k * itemsize))
     return [idx[i:i + per] for idx in experts_by_width(w.expert_bits).values() for i in range(0, len(idx), per)]
 
@@ -236,7 +241,7 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             chunk_of[e], local_of[e] = c, j
     dev = ids.device
     local_of = torch.tensor(local_of, device=dev)
-    y = x.new_empty(x.shape[0], w.scale.shape[1], dtype=torch.float32)
+    y = x.new_empty(x.shape[0], _nk(w)[0], dtype=torch.float32)
     parts = positions_of(torch.tensor(chunk_of, device=dev)[ids], list(range(len(chunks))))
     for experts, pos in zip(chunks, parts):
         local = local_of[ids[pos]]                                                 # [P] expert within the chunk

@@ -24,20 +24,19 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'torchao', torchao.__version__)" 2>&1 | grep -v "Failed to load"
-rm -f recipes/results/kernels_gpu.json
-step() {  # step SECONDS ARGS...: one run of the benchmark, stopped after SECONDS, merged into kernels_gpu
-  local s=$1; shift
-  local m=$([ -f recipes/results/kernels_gpu.json ] && echo --merge)
-  echo "== $* (limit ${s} s)"; local t0=$SECONDS
-  timeout -k 10 "$s" python3 recipes/bench_kernels.py --device cuda --name kernels_gpu $m "$@"
+rm -f recipes/results/kernels_gpu.json recipes/results/kernels_gpu_cudagraphs.json
+step() {  # step SECONDS NAME ARGS...: one run of the benchmark, stopped after SECONDS, merged into NAME
+  local s=$1 name=$2; shift 2
+  local m=$([ -f "recipes/results/$name.json" ] && echo --merge)
+  echo "== $name $* (limit ${s} s)"; local t0=$SECONDS
+  timeout -k 10 "$s" python3 recipes/bench_kernels.py --device cuda --name "$name" $m "$@"
   echo "== rc $? after $((SECONDS - t0)) s"
 }
-step "${FIRST_S:-300}" --shapes olmoe --tokens 1 16 128 --variants grouped_mm 3-bit mixed --no-e2e
-echo "== CUDA graphs (limit ${GRAPHS_S:-150} s)"   # launch-bound at 1 token: the same rows replayed as CUDA graphs
-timeout -k 10 "${GRAPHS_S:-150}" python3 recipes/bench_kernels.py --device cuda --cudagraphs --name kernels_gpu_cudagraphs \
-  --shapes olmoe --tokens 1 16 --variants grouped_mm 3-bit mixed --no-e2e
-step "${E2E_S:-150}" --shapes
-step "${REST_S:-300}" --shapes olmoe --no-e2e
-step "${QWEN3_S:-300}" --shapes qwen3 --no-e2e
+step "${FIRST_S:-300}" kernels_gpu --shapes olmoe --tokens 1 16 128 --variants grouped_mm 3-bit mixed --no-e2e
+# launch-bound at 1 token: the same rows replayed as CUDA graphs
+step "${GRAPHS_S:-150}" kernels_gpu_cudagraphs --cudagraphs --shapes olmoe --tokens 1 16 --variants grouped_mm 3-bit mixed --no-e2e
+step "${E2E_S:-150}" kernels_gpu --shapes
+step "${REST_S:-300}" kernels_gpu --shapes olmoe --no-e2e
+step "${QWEN3_S:-300}" kernels_gpu --shapes qwen3 --no-e2e
 cp recipes/results/kernels_gpu*.json recipes/results/kernels_gpu*.md "$OUT"/ 2>/dev/null
 ls -la "$OUT"

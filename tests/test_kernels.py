@@ -1,7 +1,10 @@
 """The fused expert kernels (dynamoq/kernels.py): the decode and prefill paths against the dequantized
 reference, compiled with torch.compile (fullgraph, dynamic token count, no recompilation), switching."""
+import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,12 +184,16 @@ def test_unbacked_token_count_one_graph_and_switching_does_not_recompile(decode_
     assert blk.experts.gate_up_proj.cache_delta.abs().sum() > 0
 
 
-def test_benchmark_merge_replaces_only_the_sizes_measured_again():
-    """recipes/bench_kernels.py --merge: a re-run of some sizes replaces those rows and keeps the others."""
-    import sys
-    from pathlib import Path
+def _bench():
+    """recipes/bench_kernels.py as a module."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
     import bench_kernels
+    return bench_kernels
+
+
+def test_benchmark_merge_replaces_only_the_sizes_measured_again():
+    """recipes/bench_kernels.py --merge: a re-run of some sizes replaces those rows and keeps the others."""
+    bench_kernels = _bench()
 
     def row(shape, threads, tokens, variant, ms):
         return {"shape": shape, "threads": threads, "tokens": tokens, "variant": variant, "ms": ms}
@@ -204,11 +211,7 @@ def test_benchmark_merge_replaces_only_the_sizes_measured_again():
 def test_benchmark_combine_writes_one_table_from_separate_runs(tmp_path, monkeypatch):
     """--combine FILE...: the results of separate runs (a GPU machine's, fetched one by one) merged in order
     into NAME.{json,md}; a run that stopped early marks the table incomplete."""
-    import json
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
-    import bench_kernels
+    bench_kernels = _bench()
     monkeypatch.setattr(bench_kernels, "RESULTS", tmp_path)
 
     def result(command, complete, rows, e2e=()):
@@ -233,11 +236,7 @@ def test_benchmark_combine_writes_one_table_from_separate_runs(tmp_path, monkeyp
 def test_benchmark_quick_run_measures_and_checks_every_variant(tmp_path, monkeypatch):
     """recipes/bench_kernels.py --quick (the GPU script's code path, on CPU): rows for every size and
     variant asked, the compiled output checked against the eager layer, files written."""
-    import json
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
-    import bench_kernels
+    bench_kernels = _bench()
     monkeypatch.setattr(bench_kernels, "RESULTS", tmp_path)
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--quick", "--variants", "batched", "mixed",
                                       "--runs", "3", "--name", "quick"])
