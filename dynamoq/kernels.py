@@ -29,7 +29,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 
-from . import packing
+from . import native, packing
 from .tensors import DynaMoExperts, experts_by_width
 
 NAME = "dynamoq"
@@ -109,6 +109,17 @@ def _nk(w) -> tuple[int, int]:
     return w.scale.shape[1], w.scale.shape[2] * w.group_size
 
 
+# The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI) for decode on CPUs that have it;
+# False keeps Inductor's loops everywhere (the benchmark's A/B and the tests of those loops).
+NATIVE = True
+
+
+def use_native(w, x: torch.Tensor) -> bool:
+    """Whether decode_linear runs native.native_decode."""
+    return (NATIVE and x.device.type == "cpu" and native.available()
+            and native.supports(w.expert_bits, w.group_size, _nk(w)[1]))
+
+
 def split_by_width(w, x: torch.Tensor) -> bool:
     """Whether decode_linear splits the pairs by width first (else: masks them per width)."""
     n, k = _nk(w)
@@ -122,6 +133,11 @@ def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     instructions) are first split by width: positions_of, sizes known only at run time, so one graph
     serves every routing, and each width's loop nest runs over its own pairs."""
     widths = sorted(set(w.expert_bits))
+    if use_native(w, x):
+        y = native.native_decode(x, ids, [getattr(w, f"q{b}") for b in widths], list(w.expert_bits),
+                                 w.scale, w.zero, w.group_size)
+        return y if w.cache_idx is None else y + _cache_terms(w, native.rounded_x(x, w.group_size),
+                                                                  ids.clamp(0, w.num_rows - 1))
     if len(widths) == 1:
         return decode_width(w, widths[0], x, ids)
     bits = aten._unsafe_index(torch.tensor(w.expert_bits, device=x.device), [ids.clamp(0, w.num_rows - 1)])
@@ -176,11 +192,13 @@ def _offset_terms(w, xf, ids, scale) -> torch.Tensor:
     # sum of x over each group, split over the lanes (any split does: only the lane total counts)
     xsum = xf.view(s_, k // w.group_size, w.group_size // lanes, lanes).sum(2)     # [S, G, L]
     y = -((zero.float()[..., None] * xsum[:, None]) * scale).sum((-2, -1))
-    if w.cache_idx is not None:                                                     # switched channels
-        cols = aten._unsafe_index(w.cache_idx, [ids])                               # [S, r]
-        xc = xf.gather(1, cols)
-        y = y + (aten._unsafe_index(w.cache_delta, [ids]).float() * xc[:, None, :]).sum(-1)
-    return y
+    return y if w.cache_idx is None else y + _cache_terms(w, xf, ids)
+
+
+def _cache_terms(w, xf, ids) -> torch.Tensor:
+    """The switched channels' corrections (cached full-precision columns minus their codes) -> [S, N]."""
+    cols = aten._unsafe_index(w.cache_idx, [ids])                                   # [S, r]
+    return (aten._unsafe_index(w.cache_delta, [ids]).float() * xf.gather(1, cols)[:, None, :]).sum(-1)
 
 
 def _code_terms(w, b: int, xf, ids, scale, member=None) -> torch.Tensor:

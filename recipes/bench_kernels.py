@@ -28,6 +28,7 @@ synchronizations, and the notes give the number of Triton kernels Inductor gener
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -45,7 +46,7 @@ from transformers import AutoConfig
 
 import dynamoq
 from _common import decode_rate
-from dynamoq import DynaMoExperts
+from dynamoq import DynaMoExperts, kernels
 from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
 
 RESULTS = Path(__file__).parent / "results"
@@ -170,12 +171,25 @@ def bytes_per_token(block, xs, expert_bits) -> float:
     return total / sum(x.shape[1] for x in xs)
 
 
-def compile_layer(layer, fullgraph: bool):
+INDUCTOR = "(Inductor loops)"                  # a variant name ending so: decode without the native kernel
+
+
+@contextlib.contextmanager
+def native_kernel(on: bool):
+    """dynamoq.kernels.NATIVE for the duration (dynamo guards on it: one graph per value, no recompiles)."""
+    before, kernels.NATIVE = kernels.NATIVE, on
+    try:
+        yield
+    finally:
+        kernels.NATIVE = before
+
+
+def compile_layer(layer, fullgraph: bool, native: bool = True):
     f = torch.compile(layer, fullgraph=fullgraph, options={**dynamoq.compile_options(), **EXTRA_OPTIONS})
 
     def run(x):
         torch._dynamo.mark_dynamic(x, 1)
-        with torch.no_grad():
+        with torch.no_grad(), native_kernel(native):
             return f(x)
     return run
 
@@ -202,9 +216,9 @@ def measure(fns: dict, xs: list, runs: int, reps: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def rel_error(layer, f, x) -> float:
+def rel_error(layer, f, x, native: bool = True) -> float:
     """Compiled output against the same layer run eagerly: |y - y_eager| / |y_eager|."""
-    with torch.no_grad():
+    with torch.no_grad(), native_kernel(native):
         ref = layer(x).float()
     return ((f(x).float() - ref).norm() / ref.norm()).item()
 
@@ -225,6 +239,8 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     block = moe_layer(shape)
     names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
              "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8"]
+    if DEVICE.type == "cpu" and dynamoq.native.available():      # the native decode kernel's A/B
+        names.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
     names = [n for n in names if not args.variants or any(v in n for v in args.variants)]
     layers, failed = variants(block, names)
     for name, why in failed.items():
@@ -245,7 +261,8 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
             if not any(n.startswith("torchao") for n in phase) and phase is phases[1]:
                 continue
             torch._dynamo.reset()
-            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao")) for n in phase}
+            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao"), native=not n.endswith(INDUCTOR))
+                   for n in phase}
             for tokens in args.tokens:
                 _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes,
                                report_bf16=phase is phases[0])
@@ -261,7 +278,7 @@ def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes
             if DEVICE.type == "cuda" and name.startswith("dynamoq") and (n := triton_kernels(f, xs[0])):
                 notes.append(f"{shape}, {tokens} tokens, {name}: {n} Triton kernels in the graph compiled")
             f(xs[0])
-            err[name] = rel_error(layers[name][0], f, xs[1 % len(xs)])
+            err[name] = rel_error(layers[name][0], f, xs[1 % len(xs)], native=not name.endswith(INDUCTOR))
             ok[name] = f
             print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s, "
                   f"error vs eager {err[name]:.1e})", flush=True)
@@ -329,14 +346,18 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     for threads in args.threads:
         if threads:
             torch.set_num_threads(threads)
-        for label in ("bf16", "dynamoq mixed 2/4/6/8", "dynamoq 4-bit"):
+        labels = ["bf16", "dynamoq mixed 2/4/6/8", "dynamoq 4-bit"]
+        if DEVICE.type == "cpu" and dynamoq.native.available():
+            labels.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
+        for label in labels:
             torch._dynamo.reset()
             model = make()
             if label != "bf16":
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
                 dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64), progress=False)
-            tps, text = decode_rate(model, prompt, args.e2e_tokens)
+            with native_kernel(not label.endswith(INDUCTOR)):
+                tps, text = decode_rate(model, prompt, args.e2e_tokens)
             rep = dynamoq.bits_report(model) if label != "bf16" else {"storage_bits": 16.0}
             rows.append({"model": args.e2e_model, "threads": threads, "variant": label, "tokens_per_s": tps,
                          "expert_storage_bits": rep["storage_bits"], "text": text})

@@ -1,0 +1,189 @@
+"""The native decode kernel: packed low-bit experts times a few token-expert pairs, with AVX-512 VNNI.
+
+Inductor's loops for decode (kernels.decode_linear) turn each code into a float and multiply in fp32:
+about 0.35 instructions per weight, so one core reads codes far slower than memory allows. Here codes
+stay bytes: x is quantized per group to int8 (scale = max |x| / 127, as llama.cpp's Q8 activations),
+and vpdpbusd multiplies 64 unsigned codes by 64 signed inputs per instruction. The zero point uses the
+exact float sum of x per group. The cost of the int8 inputs: a relative error of about 1e-3 on each
+output, against about 1e-2 to 1e-1 from the 2-6-bit weights themselves (tests/test_native.py).
+
+The C source (native_decode.c) is compiled once per machine with the system C compiler into
+$DYNAMOQ_CACHE/native (or ~/.cache/dynamoq/native) and loaded with ctypes: no torch headers, a second
+or two. `available()` is False without x86-64 Linux, AVX-512 (F, BW, VL, VNNI) or a compiler, or with
+DYNAMOQ_NATIVE=0; kernels.decode_linear then keeps Inductor's loops. Under torch.compile the kernel is
+one opaque custom op (dynamoq::native_decode): fullgraph, a dynamic number of pairs, no recompiles when
+the routing changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import packing
+
+SOURCE = Path(__file__).with_name("native_decode.c")
+FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+
+
+def _cpu_ok() -> bool:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return all(f in flags for f in CPU_FLAGS)
+
+
+def _build() -> Path:
+    """Compile native_decode.c (once per source and flags) and return the shared library."""
+    from .reference._common import cache_base
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc] + FLAGS).encode()).hexdigest()[:16]
+    out = cache_base() / "native" / f"decode-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            part = Path(tmp) / out.name
+            r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{cc} failed on {SOURCE.name}:\n{r.stderr[-2000:]}")
+            os.replace(part, out)            # atomic: a concurrent build or a stopped one leaves no half file
+    return out
+
+
+@functools.cache
+def _lib():
+    lib = ctypes.CDLL(str(_build()))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dynamoq_decode.argtypes = [i64, i64, i64, i64, i64, p, i32, p, p, p, p, p, p, i32, p, p, p, i32]
+    lib.dynamoq_decode.restype = i32
+    return lib
+
+
+@torch.compiler.assume_constant_result      # torch.compile calls it and keeps the answer as a constant
+def available() -> bool:
+    """Whether the native kernel runs here (CPU features, a compiler; DYNAMOQ_NATIVE=0 turns it off)."""
+    return _probe()
+
+
+@functools.cache
+def _probe() -> bool:
+    if os.environ.get("DYNAMOQ_NATIVE", "1") == "0" or not _cpu_ok():
+        return False
+    try:
+        _lib()
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"dynamoq: the native decode kernel is unavailable ({e}); using Inductor's loops")
+        return False
+    return True
+
+
+def supports(expert_bits, group_size: int, k: int) -> bool:
+    """Whether the kernel takes this layout: every int32 lane (4 code bytes) of a plane inside one group."""
+    widths = {w for b in set(expert_bits) for _, w in packing.PLANES[b]}
+    return k % group_size == 0 and group_size <= 1024 and all(group_size * w % 32 == 0 for w in widths)
+
+
+@functools.cache
+def _planes() -> torch.Tensor:
+    t = torch.zeros(9, 2, 2, dtype=torch.int32)                     # [bits, plane, (offset, width)]
+    for b, planes in packing.PLANES.items():
+        for i, pl in enumerate(planes):
+            t[b, i] = torch.tensor(pl)
+    return t
+
+
+@functools.cache
+def _lane_group(k: int, group_size: int, width: int) -> torch.Tensor:
+    """[blocks * 16] int32: the group of each int32 lane of a plane, minus the first group of its 64-byte block."""
+    nbytes, bpg = k * width // 8, group_size * width // 8
+    lane = torch.arange((nbytes + 63) // 64 * 16)
+    return ((4 * lane) // bpg - (64 * (lane // 16)) // bpg).to(torch.int32)
+
+
+@functools.cache
+def _expert_meta(expert_bits: tuple) -> torch.Tensor:
+    """[E, 2] int32: each expert's bit-width and its position among the experts of that width."""
+    seen: dict[int, int] = {}
+    rows = []
+    for b in expert_bits:
+        rows.append((b, seen.get(b, 0)))
+        seen[b] = rows[-1][1] + 1
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@functools.cache
+def _lane_tables(k: int, group_size: int, widths: tuple):
+    """The lane-group tables of the plane widths of these bit-widths (kept alive) and their addresses [9]."""
+    keep = {w: _lane_group(k, group_size, w) for w in {w for b in widths for _, w in packing.PLANES[b]}}
+    return keep, (ctypes.c_int64 * 9)(*[keep[w].data_ptr() if w in keep else 0 for w in range(9)])
+
+
+def quantize_x(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel does to x (in C; here for tests and the cache correction): x [S, K] ->
+    (x8 [S, G, gs] int8, xs [S, G] fp32), x ~= x8 * xs per group of inputs, max |x8| = 127."""
+    xg = x.float().reshape(x.shape[0], -1, group_size)
+    xs = (xg.abs().amax(-1) / 127).clamp_min(1e-30)
+    return torch.round(xg / xs[..., None]).to(torch.int8), xs
+
+
+def rounded_x(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [S, K] as the kernel sees it: x8 * xs, [S, K] fp32."""
+    x8, xs = quantize_x(x, group_size)
+    return (x8.float() * xs[..., None]).flatten(1)
+
+
+def _native_decode(x: torch.Tensor, ids: torch.Tensor, codes: list[torch.Tensor], expert_bits: list[int],
+                  scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [S, K], ids [S] expert of each pair, codes: the packed q{b} [E_b, N, K * b / 8] of each width
+    present (ascending), scale / zero [E, N, G] -> y [S, N] fp32 (sum_k scale * (q - zero) * x, x in int8)."""
+    s_, k = x.shape
+    e_, n, _ = scale.shape
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x, ids = x.contiguous(), ids.contiguous()
+    widths = tuple(sorted(set(expert_bits)))
+    codes = [c.contiguous() for c in codes]
+    base, stride = (ctypes.c_int64 * 9)(), (ctypes.c_int64 * 9)()
+    for b, c in zip(widths, codes):
+        base[b], stride[b] = c.data_ptr(), c.stride(0)
+    scale, zero = scale.contiguous(), zero.contiguous()
+    _, tables = _lane_tables(k, group_size, widths)
+    y = torch.empty(s_, n, dtype=torch.float32)
+    rc = _lib().dynamoq_decode(s_, n, k, group_size, e_, x.data_ptr(), x.dtype == torch.bfloat16, ids.data_ptr(),
+                               _expert_meta(tuple(expert_bits)).data_ptr(), base, stride, _planes().data_ptr(),
+                               tables, packing.lanes(group_size), scale.data_ptr(), zero.data_ptr(), y.data_ptr(),
+                               torch.get_num_threads())
+    if rc:
+        raise MemoryError("dynamoq native decode: could not allocate its scratch memory")
+    return y
+
+
+# A plain operator (torch.library.Library) rather than torch.library.custom_op: the latter's Python layers
+# cost about 45 us a call here, against 10 (a decode step of the reference model makes 60 calls).
+_LIB = torch.library.Library("dynamoq", "FRAGMENT")
+_LIB.define("native_decode(Tensor x, Tensor ids, Tensor[] codes, int[] expert_bits, Tensor scale, Tensor zero, "
+            "int group_size) -> Tensor")
+_LIB.impl("native_decode", _native_decode, "CPU")
+native_decode = torch.ops.dynamoq.native_decode.default
+
+
+@torch.library.register_fake("dynamoq::native_decode")
+def _(x, ids, codes, expert_bits, scale, zero, group_size):
+    return x.new_empty(x.shape[0], scale.shape[1], dtype=torch.float32)

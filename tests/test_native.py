@@ -1,0 +1,83 @@
+"""The native decode kernel (dynamoq/native.py, native_decode.c): exact against the dequantized weights
+times x as it quantizes it, close to fp32 x, every width and layout, threads, and its fallbacks."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dynamoq import DynaMoExperts, kernels, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel needs AVX-512 VNNI and a C compiler")
+
+
+def _run(t, x, ids):
+    widths = sorted(set(t.expert_bits))
+    return native.native_decode(x, ids, [getattr(t, f"q{b}") for b in widths], list(t.expert_bits),
+                                t.scale, t.zero, t.group_size)
+
+
+def _dense(t, x, ids):
+    return torch.einsum("snk,sk->sn", t.dequantize_nk(torch.float32).double()[ids], x.double()).float()
+
+
+@pytest.mark.parametrize("n,k,g,bits", [
+    (48, 576, 64, (2, 3, 4, 6, 8, 2)),       # the real reference model's gate_up: plane rows end mid-block
+    (33, 1536, 64, (3, 6, 8)),               # its down_proj, an odd number of rows
+    (16, 2048, 128, (2, 4)),                 # OLMoE's, 16-byte lanes
+    (20, 192, 32, (2, 3, 4, 6, 8)),          # the smallest group with a 1-bit plane in whole int32 lanes
+    (8, 384, 192, (4, 3)),                   # groups that straddle 64-byte blocks
+])
+def test_exact_against_the_dequantized_weights_times_the_int8_x(n, k, g, bits):
+    torch.manual_seed(0)
+    t = DynaMoExperts.from_float(torch.randn(len(bits), n, k), bits, g)
+    x, ids = 3 * torch.randn(11, k), torch.randint(0, len(bits), (11,))
+    y = _run(t, x, ids)
+    ref = _dense(t, native.rounded_x(x, g), ids)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+    exact = _dense(t, x, ids)                         # against x itself: the int8 rounding of x
+    assert 1e-4 < ((y - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def test_int8_x_keeps_the_group_maximum_and_bounds_the_rounding():
+    x = torch.randn(4, 256) * torch.logspace(-3, 3, 256)       # groups of very different magnitude
+    x8, xs = native.quantize_x(x, 64)
+    assert x8.abs().amax(-1).eq(127).all()
+    assert ((native.rounded_x(x, 64) - x).abs() <= xs.repeat_interleave(64, 1) / 2 + 1e-12).all()
+
+
+def test_threads_give_the_same_bits_and_bf16_x_works():
+    t = DynaMoExperts.from_float(torch.randn(8, 256, 512), (2, 3, 4, 6, 8, 2, 3, 4), 128)
+    x, ids = torch.randn(8, 512, dtype=torch.bfloat16), torch.arange(8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(t, x, ids)
+        torch.set_num_threads(2)
+        two = _run(t, x, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two) and one.dtype == torch.float32
+    assert torch.allclose(one, _dense(t, native.rounded_x(x, 128), ids), rtol=1e-5, atol=1e-4)
+
+
+def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
+    t = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 16)     # g16: a 1-bit plane has 2 bytes a group
+    x, ids = torch.randn(2, 64), torch.tensor([0, 2])
+    assert not native.supports(t.expert_bits, 16, 64) and native.supports((2, 4), 16, 64)
+    assert not kernels.use_native(t, x)
+    assert torch.allclose(kernels.decode_linear(t, x, ids), _dense(t, x, ids), atol=1e-4, rtol=1e-4)
+
+
+def _probe(env) -> subprocess.CompletedProcess:
+    code = "import warnings; warnings.simplefilter('always'); from dynamoq import native; print('AVAILABLE', native.available())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_switched_off_or_without_a_compiler_it_is_unavailable_and_says_why(tmp_path):
+    off = _probe({"DYNAMOQ_NATIVE": "0"})
+    assert "AVAILABLE False" in off.stdout, off.stderr
+    broken = _probe({"CC": "/bin/false", "DYNAMOQ_CACHE": str(tmp_path)})
+    assert "AVAILABLE False" in broken.stdout and "native decode kernel is unavailable" in broken.stderr
+    assert not list(tmp_path.rglob("*.so"))                 # nothing half-built left behind
