@@ -109,15 +109,24 @@ def _nk(w) -> tuple[int, int]:
     return w.scale.shape[1], w.scale.shape[2] * w.group_size
 
 
-# The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI) for decode on CPUs that have it;
-# False keeps Inductor's loops everywhere (the benchmark's A/B and the tests of those loops).
+# The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI) for every number of pairs on CPUs
+# that have it; False keeps Inductor's loops and the grouped path (the benchmark's A/B, their tests).
 NATIVE = True
 
 
 def use_native(w, x: torch.Tensor) -> bool:
-    """Whether decode_linear runs native.native_decode."""
+    """Whether expert_linear runs native_linear."""
     return (NATIVE and x.device.type == "cpu" and native.available()
             and native.supports(w.expert_bits, w.group_size, _nk(w)[1]))
+
+
+def native_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """expert_linear by the native kernel, x in int8 per group (native.py), switched channels included."""
+    y = native.native_decode(x, ids, [getattr(w, f"q{b}") for b in sorted(set(w.expert_bits))],
+                             list(w.expert_bits), w.scale, w.zero, w.group_size)
+    if w.cache_idx is None:
+        return y
+    return y + _cache_terms(w, native.rounded_x(x, w.group_size), ids.clamp(0, w.num_rows - 1))
 
 
 def split_by_width(w, x: torch.Tensor) -> bool:
@@ -133,11 +142,6 @@ def decode_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     instructions) are first split by width: positions_of, sizes known only at run time, so one graph
     serves every routing, and each width's loop nest runs over its own pairs."""
     widths = sorted(set(w.expert_bits))
-    if use_native(w, x):
-        y = native.native_decode(x, ids, [getattr(w, f"q{b}") for b in widths], list(w.expert_bits),
-                                 w.scale, w.zero, w.group_size)
-        return y if w.cache_idx is None else y + _cache_terms(w, native.rounded_x(x, w.group_size),
-                                                                  ids.clamp(0, w.num_rows - 1))
     if len(widths) == 1:
         return decode_width(w, widths[0], x, ids)
     bits = aten._unsafe_index(torch.tensor(w.expert_bits, device=x.device), [ids.clamp(0, w.num_rows - 1)])
@@ -274,8 +278,10 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 # ---- the experts implementation -----------------------------------------------------------------
 def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K], ids [S] -> [S, N] float32: the decode
-    path for few token-expert pairs, the grouped path for many."""
+    """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K], ids [S] -> [S, N] float32: the native
+    kernel where it runs; else the decode path for few token-expert pairs, the grouped path for many."""
+    if use_native(w, x):
+        return native_linear(w, x, ids)
     if use_grouped(ids.shape[0], w.num_rows):
         return grouped_linear(w, x, ids)
     return decode_linear(w, x, ids)

@@ -333,6 +333,30 @@ def e2e_model(which: str):
 
 
 E2E_LAYERS = 4
+E2E_PPL_TOKENS = 256         # tokens of drama's test split scored through the decode path (real model)
+
+
+def forward_perplexity(model, ids) -> float:
+    """Perplexity of ids [1, T] from one forward over all of it (eager)."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(ids.to(dev)).logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(dev)).exp())
+
+
+def decode_perplexity(model, ids) -> float:
+    """Teacher-forced perplexity of ids [1, T] through the decode path: one token per step with a static
+    cache (eager), so every expert product is a decode product (with the native kernel: int8 x)."""
+    from transformers import StaticCache
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 8)
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(ids.shape[1] - 1):
+            logits = model(ids[:, i:i + 1], past_key_values=cache, cache_position=torch.tensor([i], device=dev)).logits
+            nll -= torch.log_softmax(logits[0, -1].float(), -1)[ids[0, i + 1]].item()
+    return float(torch.tensor(nll / (ids.shape[1] - 1)).exp())
 
 
 def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
@@ -343,6 +367,13 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
         notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
         return
     make, prompt = got
+    held_out = None                       # real model: perplexity through the decode path, on a test text
+    if args.e2e_model == "real":
+        from transformers import AutoTokenizer
+
+        from dynamoq.reference import path_of
+        text = "\n".join(dynamoq.data.load("drama", "test"))
+        held_out = AutoTokenizer.from_pretrained(path_of("real"))(text, return_tensors="pt").input_ids[:, :E2E_PPL_TOKENS]
     for threads in args.threads:
         if threads:
             torch.set_num_threads(threads)
@@ -358,9 +389,14 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
                 dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64), progress=False)
             with native_kernel(not label.endswith(INDUCTOR)):
                 tps, text = decode_rate(model, prompt, args.e2e_tokens)
+                ppl = (decode_perplexity(model, held_out) if held_out is not None and threads == args.threads[0]
+                       and not label.endswith(INDUCTOR) else None)
+            with native_kernel(False):         # the same weights, x in fp32: one forward over the text
+                exact = forward_perplexity(model, held_out) if ppl is not None else None
             rep = dynamoq.bits_report(model) if label != "bf16" else {"storage_bits": 16.0}
             rows.append({"model": args.e2e_model, "threads": threads, "variant": label, "tokens_per_s": tps,
-                         "expert_storage_bits": rep["storage_bits"], "text": text})
+                         "expert_storage_bits": rep["storage_bits"], "text": text, "decode_ppl": ppl,
+                         "forward_ppl": exact})
             print(f"  e2e {threads}t {label:24s} {tps:8.2f} tokens/s", flush=True)
             del model
             on_row()
@@ -379,11 +415,19 @@ def table(rows, e2e_rows, notes) -> str:
         model = {"olmoe": f"OLMoE-1B-7B shape, {E2E_LAYERS} layers, random weights"}.get(
             e2e_rows[0].get("model"), "real reference model")
         lines += ["", f"End-to-end greedy decode, {model} (compiled decode step, static cache):", "",
-                  "| threads | experts | expert bits | decode tokens/s | vs bf16 |", "|---|---|---|---|---|"]
+                  "| threads | experts | expert bits | decode tokens/s | vs bf16 | perplexity through decode |",
+                  "|---|---|---|---|---|---|"]
         base = {r["threads"]: r["tokens_per_s"] for r in e2e_rows if r["variant"] == "bf16"}
         for r in e2e_rows:
+            ppl = (f"{r['decode_ppl']:.3f} (one forward, fp32 x: {r['forward_ppl']:.3f})" if r.get("decode_ppl")
+                   else "-")
             lines.append(f"| {r['threads']} | {r['variant']} | {r['expert_storage_bits']:.2f} | "
-                         f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / base[r['threads']]:.2f}x |")
+                         f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / base[r['threads']]:.2f}x | {ppl} |")
+        if any(r.get("decode_ppl") for r in e2e_rows):
+            lines += ["", f"Perplexity through decode: the first {E2E_PPL_TOKENS} tokens of drama's test split fed one "
+                      "token per step (eager), so every expert product is a decode product (with the native kernel: "
+                      "int8 x); in brackets the same weights in one forward over the text with x in fp32 (the "
+                      "exact paths). bf16's two numbers differ by its own rounding alone."]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines)

@@ -15,6 +15,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _exact_products(request, monkeypatch):
+    """Tests compare quantized models with their dequantized weights to float rounding: they run the exact
+    paths (x in fp32). The native kernel (int8 x) has its own tests: marked `native`, or through the
+    decode_mode fixture, which sets kernels.NATIVE itself."""
+    if "native" not in request.keywords:
+        from dynamoq import kernels
+        monkeypatch.setattr(kernels, "NATIVE", False)
+
+
 def build(model_type: str, dtype=torch.float32):
     """A tiny random model of one family, as users build one from a config."""
     from transformers import AutoModelForCausalLM
