@@ -2,8 +2,11 @@
 
 transformers calls `dynamoq_experts_forward` for every fused experts module when
 config._experts_implementation == "dynamoq". Packed weights go through expert_linear, which picks one
-of the two paths below; plain weights through transformers' batched_mm.
+of the paths below; plain weights through transformers' batched_mm.
 
+native_linear (CPUs with AVX-512 VNNI, any number of pairs): the hand-written kernel of native.py
+  (codes as bytes times x in int8, one opaque operator under torch.compile). Elsewhere, or with
+  NATIVE = False, Inductor generates the code:
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
   loop nest per projection and bit-width, C++ on CPU and Triton on GPU. Each width's loop nest runs
   over all pairs with the other widths' pairs masked out, or, for big experts on CPU, over its own pairs

@@ -3,9 +3,11 @@ expert width 1024, 64 experts, top-8) and at Qwen3-30B-A3B shape (hidden 2048, w
 top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side by side in one
 process (interleaved, median of --runs calls, each call routing a different input). Variants: bf16
 with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on the experts where
-they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits). Plus
-end-to-end decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16
-(on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4 layers, random weights).
+they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
+native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)". Plus end-to-end
+decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16, with its
+perplexity through the decode path (on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4
+layers, random weights).
 
     python recipes/bench_kernels.py                       # everything (about an hour on 2 cores)
     python recipes/bench_kernels.py --quick               # small shapes, a smoke run

@@ -64,6 +64,14 @@ def test_threads_give_the_same_bits_and_bf16_x_works():
     assert torch.allclose(one, _dense(t, native.rounded_x(x, 128), ids), rtol=1e-5, atol=1e-4)
 
 
+def test_no_pairs_and_out_of_range_ids():
+    """No pairs: an empty result. Expert ids outside [0, E) are clamped (as the exact paths do): no stray read."""
+    t = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 32)
+    assert _run(t, torch.randn(0, 64), torch.zeros(0, dtype=torch.long)).shape == (0, 16)
+    x = torch.randn(2, 64)
+    assert torch.equal(_run(t, x, torch.tensor([-5, 7])), _run(t, x, torch.tensor([0, 2])))
+
+
 def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
     t = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 16)     # g16: a 1-bit plane has 2 bytes a group
     x, ids = torch.randn(2, 64), torch.tensor([0, 2])
