@@ -163,7 +163,7 @@ def _native_decode(x: torch.Tensor, ids: torch.Tensor, codes: list[torch.Tensor]
     e_, n, _ = scale.shape
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
-    x, ids = x.contiguous(), ids.contiguous()
+    x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
     widths = tuple(sorted(set(expert_bits)))
     codes = [c.contiguous() for c in codes]
     base, stride = (ctypes.c_int64 * 9)(), (ctypes.c_int64 * 9)()
