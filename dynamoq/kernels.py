@@ -28,6 +28,8 @@ bit-plane of width w (packing.PLANES: c = 8 / w codes per byte, bit offset `off`
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
@@ -115,6 +117,17 @@ def _nk(w) -> tuple[int, int]:
 # The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI) for every number of pairs on CPUs
 # that have it; False keeps Inductor's loops and the grouped path (the benchmark's A/B, their tests).
 NATIVE = True
+
+
+@contextlib.contextmanager
+def native_kernel(on: bool):
+    """NATIVE = on for the duration (torch.compile guards on it: one graph per value, no recompiles)."""
+    global NATIVE
+    before, NATIVE = NATIVE, on
+    try:
+        yield
+    finally:
+        NATIVE = before
 
 
 def use_native(w, x: torch.Tensor) -> bool:

@@ -30,7 +30,6 @@ synchronizations, and the notes give the number of Triton kernels Inductor gener
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -48,7 +47,8 @@ from transformers import AutoConfig
 
 import dynamoq
 from _common import decode_rate
-from dynamoq import DynaMoExperts, kernels
+from dynamoq import DynaMoExperts
+from dynamoq.kernels import native_kernel
 from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
 
 RESULTS = Path(__file__).parent / "results"
@@ -174,16 +174,6 @@ def bytes_per_token(block, xs, expert_bits) -> float:
 
 
 INDUCTOR = "(Inductor loops)"                  # a variant name ending so: decode without the native kernel
-
-
-@contextlib.contextmanager
-def native_kernel(on: bool):
-    """dynamoq.kernels.NATIVE for the duration (dynamo guards on it: one graph per value, no recompiles)."""
-    before, kernels.NATIVE = kernels.NATIVE, on
-    try:
-        yield
-    finally:
-        kernels.NATIVE = before
 
 
 def compile_layer(layer, fullgraph: bool, native: bool = True):

@@ -113,11 +113,8 @@ def test_a_quantized_model_runs_it_for_prefill_and_decode_compiled_without_graph
         x = torch.randint(0, 256, (1, n))
         with torch.no_grad():
             y = m(x).logits
-            kernels.NATIVE = False
-            try:
+            with kernels.native_kernel(False):
                 exact = m(x).logits
-            finally:
-                kernels.NATIVE = True
             compiled = f(x).logits
         assert 0 < ((y - exact).norm() / exact.norm()).item() < 2e-2       # int8 x: close, not identical
         # compiled: the same kernel on x computed by fused code; a last-bit change of x can move its int8 rounding
