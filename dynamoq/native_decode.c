@@ -14,7 +14,10 @@
 // Work: the pairs are grouped by expert; a tile is R rows of one expert times P of its pairs (R * P
 // accumulators; each code byte is loaded once for the P pairs, each x byte once for the R rows). Each
 // thread owns a range of rows of every expert, walked in blocks of ROW_BLOCK rows that stay in cache
-// while every pair tile of the expert passes over them.
+// while every pair tile of the expert passes over them. Experts with dynamoq_amx_min_pairs pairs or more
+// take the AMX path instead where the CPU has AMX-INT8 (prefill; see "the AMX path" below): same int32
+// products per group, same float factors, so the same result up to the order of float additions.
+#define _GNU_SOURCE             // syscall()
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -39,6 +42,11 @@ typedef struct {
     const uint16_t *scale;          // [E, N, G] float16
     const uint8_t *zero;            // [E, N, G]
     float *y;                       // [S, N]
+    // the AMX path (experts with many pairs): per plane width w, 64 bytes of the plane hold 8 / w runs of 64
+    // inputs; run i is the int32 w_perm[w][i] of those bytes, shifted right by w_shift[w][i] and masked
+    const int32_t *w_perm[9];       // [w] -> [8 / w][16]
+    const int32_t *w_shift[9];      // [w] -> [8 / w][16]
+    const int8_t *x8;               // [S, K] x in int8
 } job_t;
 
 // One plane of width W for a tile of R rows (code bytes at codes[r], per-group factors f[r]: scale *
@@ -96,33 +104,50 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Rows [n0, n1) of expert e (codes: its q{b} rows) times its pairs `pairs` [np].
+// Per row n of [nb, ne) of expert e, in buf [ROW_BLOCK][4][G16 + 16]: its scales as float, scale * zero,
+// and per plane scale * 2**offset.
+static void block_factors(const job_t *j, int64_t e, int b, int64_t nb, int64_t ne, float *buf) {
+    const int64_t G = j->G, G16 = (G + 15) / 16 * 16;
+    for (int64_t n = nb; n < ne; n++) {
+        float *sf = buf + (n - nb) * 4 * (G16 + 16), *sz = sf + (G16 + 16);
+        const uint16_t *sc = j->scale + (e * j->N + n) * G;
+        const uint8_t *z = j->zero + (e * j->N + n) * G;
+        for (int64_t g = 0; g < G; g += 16) {
+            const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+            const __m512 s16 = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, sc + g));
+            const __m512 z16 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));
+            _mm512_store_ps(sf + g, s16);
+            _mm512_store_ps(sz + g, _mm512_mul_ps(s16, z16));
+        }
+        for (int i = 0; i < 2; i++) {
+            const int off = j->planes[(b * 2 + i) * 2], w = j->planes[(b * 2 + i) * 2 + 1];
+            if (!w) break;
+            float *fp = sz + (1 + i) * (G16 + 16);
+            const __m512 pow2 = _mm512_set1_ps((float)(1 << off));
+            for (int64_t g = 0; g < G16; g += 16) _mm512_store_ps(fp + g, _mm512_mul_ps(_mm512_load_ps(sf + g), pow2));
+        }
+    }
+}
+
+// The zero-point term of one row (sz: its scale * zero per group) for one pair: - sum_g sz * xsum.
+static inline float zero_term(const job_t *j, const float *sz, int64_t pair) {
+    const int64_t G = j->G;
+    const float *xsum = j->xsum + pair * G;
+    __m512 zt = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        zt = _mm512_fmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(m, xsum + g), zt);
+    }
+    return -_mm512_reduce_add_ps(zt);
+}
+
+// Rows [n0, n1) of expert e (codes: its q{b} rows) times its pairs `pairs` [np], reading the packed planes.
 static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, const int64_t *pairs,
                         int64_t np, int64_t n0, int64_t n1, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
-    // buf: per row of the block, scale as float and scale * zero [G16 + 16 each], and per plane
-    // scale * 2**offset [2][G16 + 16]
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
-        for (int64_t n = nb; n < ne; n++) {
-            float *sf = buf + (n - nb) * 4 * (G16 + 16), *sz = sf + (G16 + 16);
-            const uint16_t *sc = j->scale + (e * j->N + n) * G;
-            const uint8_t *z = j->zero + (e * j->N + n) * G;
-            for (int64_t g = 0; g < G; g += 16) {
-                const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-                const __m512 s16 = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, sc + g));
-                const __m512 z16 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));
-                _mm512_store_ps(sf + g, s16);
-                _mm512_store_ps(sz + g, _mm512_mul_ps(s16, z16));
-            }
-            for (int i = 0; i < 2; i++) {
-                const int off = j->planes[(b * 2 + i) * 2], w = j->planes[(b * 2 + i) * 2 + 1];
-                if (!w) break;
-                float *fp = sz + (1 + i) * (G16 + 16);
-                const __m512 pow2 = _mm512_set1_ps((float)(1 << off));
-                for (int64_t g = 0; g < G16; g += 16) _mm512_store_ps(fp + g, _mm512_mul_ps(_mm512_load_ps(sf + g), pow2));
-            }
-        }
+        block_factors(j, e, b, nb, ne, buf);
         for (int64_t p0 = 0; p0 < np; p0 += MAX_P) {
             const int P = (int)min64(MAX_P, np - p0), RMAX = P <= 2 ? 4 : 2;
             for (int64_t n = nb; n < ne;) {
@@ -132,17 +157,9 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                 const float *f[4], *xs[MAX_P];
                 const int8_t *xq[MAX_P];
                 for (int r = 0; r < R; r++) {
-                    const float *sz = buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16);
                     codes[r] = codes_e + (n + r) * row_bytes;
-                    for (int p = 0; p < P; p++) {           // the zero-point term
-                        const float *xsum = j->xsum + pairs[p0 + p] * G;
-                        __m512 zt = _mm512_setzero_ps();
-                        for (int64_t g = 0; g < G; g += 16) {
-                            const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-                            zt = _mm512_fmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(m, xsum + g), zt);
-                        }
-                        out[r][p] = -_mm512_reduce_add_ps(zt);
-                    }
+                    for (int p = 0; p < P; p++)
+                        out[r][p] = zero_term(j, buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16), pairs[p0 + p]);
                 }
                 for (int p = 0; p < P; p++) xs[p] = j->xs + pairs[p0 + p] * (G + 16);
                 for (int i = 0; i < 2; i++) {
@@ -164,6 +181,185 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     for (int p = 0; p < P; p++) j->y[pairs[p0 + p] * j->N + n + r] = out[r][p];
                 n += R;
             }
+        }
+    }
+}
+
+// ---- the AMX path: experts with many pairs (prefill) ----------------------------------------------------
+// Their rows are unpacked once per block into one byte per code (all planes of a code in it), in input
+// order: per plane, each 64 inputs are one window of the plane (at most 64 bytes) permuted by int32, shifted
+// to their part and masked. AMX's tdpbusd then multiplies 16 rows x 64 codes by 64 inputs x 16 pairs (x8 in
+// its 4-byte interleaved layout) into 16 x 16 int32, once per 64 inputs; at the end of each group the
+// int32 meet the group's scales, zero points and x scales in float (AVX-512). Groups of a multiple of 64.
+#define AMX_ROWS 16
+#define AMX_PAIRS 16
+int dynamoq_amx_min_pairs = 4;      // experts with at least this many pairs take the AMX path (with 2-3 the
+                                    // packed path is faster: it costs by the pair, AMX by the 16 pairs)
+static int amx_ready = 0;           // dynamoq_amx_init() succeeded
+int dynamoq_amx_ready(void) { return amx_ready; }
+
+#ifdef DYNAMOQ_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Asks Linux for the AMX tile state (once per process); 1 when granted.
+int dynamoq_amx_init(void) {
+    if (!amx_ready) amx_ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_ready;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+// Run i of the 64 plane bytes v (see job_t).
+static inline __attribute__((always_inline)) __m512i plane_run(const job_t *j, const int w, const int i, __m512i v) {
+    const __m512i c = _mm512_permutexvar_epi32(_mm512_loadu_si512((const void *)(j->w_perm[w] + 16 * i)), v);
+    return _mm512_and_si512(_mm512_srlv_epi32(c, _mm512_loadu_si512((const void *)(j->w_shift[w] + 16 * i))),
+                            _mm512_set1_epi8((char)((1 << w) - 1)));
+}
+
+// One row of bit-width planes (w0 at bit 0; w1, if any, at bit off1) -> out [K / 64] codes in input order.
+static inline __attribute__((always_inline)) void unpack_row(const job_t *j, const int w0, const int w1, const int off1,
+                                                             const uint8_t *row, __m512i *out) {
+    const int64_t K = j->K, blocks = K / 64, bytes0 = K * w0 / 8, bytes1 = K * w1 / 8;
+    const int r0 = 8 / w0, r1 = w1 ? 8 / w1 : 1, R = r0 > r1 ? r0 : r1;
+    __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
+    for (int64_t blk = 0; blk < blocks; blk += R)
+        for (int i = 0; i < R && blk + i < blocks; i++) {      // unrolled: each run's table is a constant
+            if (i % r0 == 0) {
+                const int64_t q = (blk + i) / r0 * 64;
+                v0 = _mm512_maskz_loadu_epi8(bytes0 - q >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (bytes0 - q)) - 1), row + q);
+            }
+            __m512i c = plane_run(j, w0, i % r0, v0);
+            if (w1) {
+                if (i % r1 == 0) {
+                    const int64_t q = (blk + i) / r1 * 64;
+                    v1 = _mm512_maskz_loadu_epi8(bytes1 - q >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (bytes1 - q)) - 1),
+                                                 row + bytes0 + q);
+                }
+                c = _mm512_or_si512(c, _mm512_slli_epi32(plane_run(j, w1, i % r1, v1), off1));
+            }
+            _mm512_storeu_si512(out + blk + i, c);
+        }
+}
+
+// Rows [nb, ne) of q{b} (codes_e: the expert's) -> ub [rows][K] codes in input order.
+static void unpack_rows(const job_t *j, int b, const uint8_t *codes_e, int64_t nb, int64_t ne, uint8_t *ub) {
+    const int64_t K = j->K, row_bytes = K * b / 8, ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
+    for (int64_t n = nb; n < ne; n++) {
+        const uint8_t *row = codes_e + n * row_bytes;
+        for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch((const char *)row + ahead + o, _MM_HINT_T0);
+        __m512i *out = (__m512i *)(ub + (n - nb) * K);
+        switch (b) {                                    // packing.PLANES
+            case 8: unpack_row(j, 8, 0, 0, row, out); break;
+            case 6: unpack_row(j, 4, 2, 4, row, out); break;
+            case 4: unpack_row(j, 4, 0, 0, row, out); break;
+            case 3: unpack_row(j, 2, 1, 2, row, out); break;
+            default: unpack_row(j, 2, 0, 0, row, out); break;
+        }
+    }
+}
+
+// Rows [n0, n1) of expert e times its pairs, with AMX. buf: block_factors'; ub [ROW_BLOCK][K] unpacked codes;
+// xb [tiles][K / 4][AMX_PAIRS] int32: x8 of the tiles of pairs (4 inputs per int32, tdpbusd's second operand),
+// xf [tiles][2][G][AMX_PAIRS] their xs and sums of x; c [AMX_ROWS][AMX_PAIRS] int32.
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, const int64_t *pairs, int64_t np,
+                     int64_t n0, int64_t n1, float *buf, uint8_t *ub, int32_t *xb, float *xf, int32_t *c) {
+    const int64_t G = j->G, G16 = (G + 15) / 16 * 16, K = j->K, steps = j->gs / 64, tiles = (np + AMX_PAIRS - 1) / AMX_PAIRS;
+    for (int64_t tl = 0; tl < tiles; tl++) {
+        const int64_t p0 = tl * AMX_PAIRS;
+        const int P = (int)min64(AMX_PAIRS, np - p0);
+        int32_t at[AMX_PAIRS] = {0};
+        for (int p = 0; p < P; p++) at[p] = (int32_t)(pairs[p0 + p] * K / 4);
+        const __m512i idx = _mm512_loadu_si512((const void *)at);
+        const __mmask16 live = (__mmask16)((1u << P) - 1);
+        int32_t *dst = xb + tl * (K / 4) * AMX_PAIRS;
+        for (int64_t k4 = 0; k4 < K / 4; k4++)          // missing pairs are zeros
+            _mm512_storeu_si512((void *)(dst + k4 * AMX_PAIRS), _mm512_mask_i32gather_epi32(
+                _mm512_setzero_si512(), live, _mm512_add_epi32(idx, _mm512_set1_epi32((int)k4)), j->x8, 4));
+        float *f = xf + tl * 2 * G * AMX_PAIRS;
+        for (int64_t g = 0; g < G; g++)
+            for (int p = 0; p < AMX_PAIRS; p++) {
+                f[g * AMX_PAIRS + p] = p < P ? j->xs[pairs[p0 + p] * (G + 16) + g] : 0.0f;
+                f[(G + g) * AMX_PAIRS + p] = p < P ? j->xsum[pairs[p0 + p] * G + g] : 0.0f;
+            }
+    }
+    for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
+        const int64_t ne = min64(nb + ROW_BLOCK, n1);
+        block_factors(j, e, b, nb, ne, buf);
+        unpack_rows(j, b, codes_e, nb, ne, ub);
+        for (int64_t tl = 0; tl < tiles; tl++) {
+            const int64_t p0 = tl * AMX_PAIRS;
+            const int P = (int)min64(AMX_PAIRS, np - p0);
+            const int8_t *x = (const int8_t *)(xb + tl * (K / 4) * AMX_PAIRS);
+            const float *f = xf + tl * 2 * G * AMX_PAIRS;
+            for (int64_t n = nb; n < ne; n += AMX_ROWS) {
+                const int R = (int)min64(AMX_ROWS, ne - n);     // rows past ne: stale codes, not stored
+                __m512 acc[AMX_ROWS];
+                for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    _tile_zero(0);
+                    for (int64_t t = 0; t < steps; t++) {
+                        _tile_loadd(1, ub + (n - nb) * K + (g * steps + t) * 64, K);
+                        _tile_loadd(2, x + (g * steps + t) * 64 * AMX_PAIRS, 4 * AMX_PAIRS);
+                        _tile_dpbusd(0, 1, 2);
+                    }
+                    _tile_stored(0, c, 4 * AMX_PAIRS);
+                    const __m512 xs = _mm512_loadu_ps(f + g * AMX_PAIRS), xsum = _mm512_loadu_ps(f + (G + g) * AMX_PAIRS);
+                    for (int r = 0; r < AMX_ROWS; r++) {
+                        const float *sf = buf + (r < R ? n + r - nb : 0) * 4 * (G16 + 16);
+                        const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(c + r * AMX_PAIRS)));
+                        acc[r] = _mm512_fmadd_ps(v, _mm512_mul_ps(_mm512_set1_ps(sf[g]), xs), acc[r]);
+                        acc[r] = _mm512_fnmadd_ps(_mm512_set1_ps(sf[G16 + 16 + g]), xsum, acc[r]);
+                    }
+                }
+                for (int r = 0; r < R; r++) {
+                    float out[AMX_PAIRS];
+                    _mm512_storeu_ps(out, acc[r]);
+                    for (int p = 0; p < P; p++) j->y[pairs[p0 + p] * j->N + n + r] = out[p];
+                }
+            }
+        }
+    }
+}
+
+// One thread's AMX state: the tile shapes (C 16 x 16 int32, codes 16 x 64, x 16 x 64), then amx_rows.
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_begin(void) {
+    tile_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 3; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile,amx-int8")))
+static void amx_end(void) { _tile_release(); }
+#else
+int dynamoq_amx_init(void) { return 0; }
+#endif
+
+// The AMX path's tables (job_t) into mem [8 * 16 * 2 per width]: run r (64 inputs) of 64 plane bytes starts at
+// input 64 r of the 64 * 8 / w inputs they hold (chunks of `lanes` bytes, packing.py's layout).
+static void amx_tables(job_t *j, const int used[9], int lanes, int32_t *mem) {
+    for (int w = 1; w <= 8; w *= 2) {
+        if (!used[w]) continue;
+        int32_t *perm = mem, *shift = mem + 16 * (8 / w);
+        mem = shift + 16 * (8 / w);
+        j->w_perm[w] = perm;
+        j->w_shift[w] = shift;
+        const int64_t cl = 8 / w * lanes;               // inputs per chunk of the plane
+        for (int64_t i = 0; i < 16 * (8 / w); i++) {
+            const int64_t a = 4 * i;                     // the first of the 4 inputs of int32 i
+            perm[i] = (int32_t)((a / cl * lanes + a % lanes) / 4);
+            shift[i] = (int32_t)(w * (a % cl / lanes));
         }
     }
 }
@@ -212,6 +408,20 @@ static void quantize_x(const job_t *j, const void *x, int x_bf16, int lanes, int
     }
 }
 
+// Scratch memory kept from call to call, per thread (the caller's and each OpenMP worker's): memory fresh
+// from the OS costs a page fault per 4 KB, which took a fifth of a 128-token layer. Never shrinks.
+typedef struct { void *p; size_t size; } keep_t;
+static void *kept(keep_t *k, size_t need) {
+    if (k->size < need) {
+        free(k->p);
+        need = (need + 4095) / 4096 * 4096;
+        k->p = aligned_alloc(64, need);
+        k->size = k->p ? need : 0;
+    }
+    return k->p;
+}
+static _Thread_local keep_t kept_main, kept_rows, kept_amx;
+
 // y [S, N] = the pairs' experts times x. expert_meta [E][2]: (bit-width, position among the experts of that
 // width); width_base[b], width_stride[b]: address of q{b} and bytes per expert in it; lane_group[w]: see job_t.
 // Returns 0; -1 when its scratch memory could not be had (y is then undefined).
@@ -219,39 +429,50 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
                    const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                    const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group, int lanes,
                    const uint16_t *scale, const uint8_t *zero, float *y, int threads) {
-    const int64_t G = K / gs;
+    const int64_t G = K / gs, G16 = (G + 15) / 16 * 16;
     job_t j = {S, N, K, G, gs, planes, {0}, {0}, NULL, NULL, scale, zero, y};
-    int used[9] = {0};
-    for (int64_t e = 0; e < E; e++)
-        for (int i = 0; i < 2; i++) used[planes[(expert_meta[2 * e] * 2 + i) * 2 + 1]] = 1;
-    // scratch: pairs by expert (counting sort), xs (padded), xsum, x8, xq per plane width
-    size_t bytes = sizeof(int64_t) * (size_t)(S + E + 1) + sizeof(float) * (size_t)S * (2 * G + 16) + (size_t)S * K + 64;
-    for (int w = 1; w <= 8; w *= 2) if (used[w]) bytes += (size_t)S * K + 64;
-    char *scratch = (char *)calloc(bytes, 1), *p = scratch;
-    if (!scratch) return -1;
-    int64_t *order = (int64_t *)p; p += S * sizeof(int64_t);
-    int64_t *start = (int64_t *)p; p += (E + 1) * sizeof(int64_t);
+    // pairs by expert (counting sort); the AMX path for experts with enough pairs, where it runs
+    int64_t *start = (int64_t *)calloc((size_t)(E + 1), sizeof(int64_t));
+    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)(S + 1));
+    int64_t *fill = (int64_t *)calloc((size_t)E, sizeof(int64_t));
+    if (!start || !order || !fill) { free(start); free(order); free(fill); return -1; }
+    for (int64_t s = 0; s < S; s++) start[(ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s]) + 1]++;
+    const int64_t amx_min = amx_ready && gs % 64 == 0 ? dynamoq_amx_min_pairs : INT64_MAX;
+    int amx = 0, used[9] = {0}, packed[9] = {0};      // plane widths of the experts with pairs, on each path
+    int64_t most = 0;                                   // pairs of the busiest expert
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t np = start[e + 1];
+        amx |= np >= amx_min;
+        most = np > most ? np : most;
+        for (int i = 0; i < 2 && np; i++) {
+            const int w = planes[(expert_meta[2 * e] * 2 + i) * 2 + 1];
+            used[w] = 1;
+            packed[w] |= np < amx_min;
+        }
+        start[e + 1] += start[e];
+    }
+    used[0] = packed[0] = 0;
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t e = ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
+        order[start[e] + fill[e]++] = s;
+    }
+    free(fill);
+    // scratch: xs (padded), xsum, x8, xq per plane width, the AMX path's tables
+    const int64_t tables = 4 * 8 * 16 * 2;
+    size_t bytes = sizeof(float) * (size_t)S * (2 * G + 16) + (size_t)S * K + 64 + sizeof(int32_t) * (size_t)tables;
+    for (int w = 1; w <= 8; w *= 2) if (packed[w]) bytes += (size_t)S * K + 64;
+    char *p = (char *)kept(&kept_main, bytes);
+    if (!p) { free(start); free(order); return -1; }
+    memset(p, 0, S * (G + 16) * sizeof(float));
     float *xs = (float *)p; p += S * (G + 16) * sizeof(float);
     float *xsum = (float *)p; p += S * G * sizeof(float);
     int8_t *x8 = (int8_t *)p; p += S * K;
     int8_t *xq[9] = {0};
-    for (int w = 1; w <= 8; w *= 2) if (used[w]) { xq[w] = (int8_t *)p; p += S * K; }
-    for (int64_t s = 0; s < S; s++) {
-        const int64_t e = ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
-        start[e + 1]++;
-    }
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    {
-        int64_t *fill = (int64_t *)calloc(E, sizeof(int64_t));
-        if (!fill) { free(scratch); return -1; }
-        for (int64_t s = 0; s < S; s++) {
-            const int64_t e = ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
-            order[start[e] + fill[e]++] = s;
-        }
-        free(fill);
-    }
+    for (int w = 1; w <= 8; w *= 2) if (packed[w]) { xq[w] = (int8_t *)p; p += S * K; }
+    if (amx) amx_tables(&j, used, lanes, (int32_t *)p);
     j.xs = xs;
     j.xsum = xsum;
+    j.x8 = x8;
     quantize_x(&j, x, x_bf16, lanes, x8, xs, xsum, xq);
     for (int w = 0; w < 9; w++) {
         j.xq[w] = xq[w];
@@ -264,22 +485,42 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
     #pragma omp parallel num_threads(threads)
     {
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-        const int64_t n0 = N * t / T, n1 = N * (t + 1) / T, G16 = (G + 15) / 16 * 16;
-        float *buf = (float *)aligned_alloc(64, sizeof(float) * ROW_BLOCK * 4 * (G16 + 16));
-        if (!buf) {
+        const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
+        float *buf = (float *)kept(&kept_rows, sizeof(float) * ROW_BLOCK * 4 * (G16 + 16));
+        // the AMX path's: unpacked codes, x8 of an expert's tiles of pairs, their xs and sums, one tile of int32
+        const int64_t tiles = (most + AMX_PAIRS - 1) / AMX_PAIRS;
+        char *amx_buf = amx ? (char *)kept(&kept_amx, (size_t)(ROW_BLOCK * K + tiles * AMX_PAIRS * (K + 8 * G) + 4096)) : NULL;
+        if (!buf || (amx && !amx_buf)) {
             #pragma omp atomic write
             failed = 1;
         } else {
             memset(buf, 0, sizeof(float) * ROW_BLOCK * 4 * (G16 + 16));
+#ifdef DYNAMOQ_AMX
+            if (amx) amx_begin();
+#endif
             for (int64_t e = 0; e < E; e++) {
-                if (start[e + 1] == start[e]) continue;
+                const int64_t np = start[e + 1] - start[e];
+                if (!np) continue;
                 const int b = expert_meta[2 * e];
                 const uint8_t *codes_e = (const uint8_t *)(intptr_t)width_base[b] + expert_meta[2 * e + 1] * width_stride[b];
-                expert_rows(&j, e, b, codes_e, order + start[e], start[e + 1] - start[e], n0, n1, buf);
+#ifdef DYNAMOQ_AMX
+                if (np >= amx_min) {
+                    uint8_t *ub = (uint8_t *)amx_buf;
+                    int32_t *xb = (int32_t *)(ub + ROW_BLOCK * K);
+                    float *xf = (float *)(xb + tiles * AMX_PAIRS * K / 4);
+                    amx_rows(&j, e, b, codes_e, order + start[e], np, n0, n1, buf, ub, xb, xf,
+                             (int32_t *)(xf + tiles * 2 * G * AMX_PAIRS));
+                    continue;
+                }
+#endif
+                expert_rows(&j, e, b, codes_e, order + start[e], np, n0, n1, buf);
             }
-            free(buf);
+#ifdef DYNAMOQ_AMX
+            if (amx) amx_end();
+#endif
         }
     }
-    free(scratch);
+    free(start);
+    free(order);
     return failed ? -1 : 0;
 }

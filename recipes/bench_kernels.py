@@ -4,7 +4,8 @@ top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side b
 process (interleaved, median of --runs calls, each call routing a different input). Variants: bf16
 with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on the experts where
 they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
-native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)". Plus end-to-end
+native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
+AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16, with its
 perplexity through the decode path (on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4
 layers, random weights).
@@ -30,6 +31,7 @@ synchronizations, and the notes give the number of Triton kernels Inductor gener
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -176,12 +178,16 @@ def bytes_per_token(block, xs, expert_bits) -> float:
 INDUCTOR = "(Inductor loops)"                  # a variant name ending so: decode without the native kernel
 
 
-def compile_layer(layer, fullgraph: bool, native: bool = True):
+NO_AMX = "(no AMX)"                            # ... the native kernel without its AMX path (prefill)
+
+
+def compile_layer(layer, fullgraph: bool, native: bool = True, amx: bool = True):
     f = torch.compile(layer, fullgraph=fullgraph, options={**dynamoq.compile_options(), **EXTRA_OPTIONS})
 
     def run(x):
         torch._dynamo.mark_dynamic(x, 1)
-        with torch.no_grad(), native_kernel(native):
+        with torch.no_grad(), native_kernel(native), \
+                (contextlib.nullcontext() if amx else dynamoq.native.amx_min_pairs(2 ** 40)):
             return f(x)
     return run
 
@@ -233,6 +239,8 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
              "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8"]
     if DEVICE.type == "cpu" and dynamoq.native.available():      # the native decode kernel's A/B
         names.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
+        if dynamoq.native.amx():                                 # and its AMX path's
+            names.append(f"dynamoq mixed 2/4/6/8 {NO_AMX}")
     names = [n for n in names if not args.variants or any(v in n for v in args.variants)]
     layers, failed = variants(block, names)
     for name, why in failed.items():
@@ -253,8 +261,8 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
             if not any(n.startswith("torchao") for n in phase) and phase is phases[1]:
                 continue
             torch._dynamo.reset()
-            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao"), native=not n.endswith(INDUCTOR))
-                   for n in phase}
+            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao"), native=not n.endswith(INDUCTOR),
+                                    amx=not n.endswith(NO_AMX)) for n in phase}
             for tokens in args.tokens:
                 _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes,
                                report_bf16=phase is phases[0])

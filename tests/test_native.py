@@ -31,15 +31,38 @@ def _dense(t, x, ids):
     (8, 384, 192, (4, 3)),                   # groups that straddle 64-byte blocks
 ])
 @pytest.mark.parametrize("pairs", [11, 70])                  # tiles of 1-4 pairs of one expert, row tails
-def test_exact_against_the_dequantized_weights_times_the_int8_x(n, k, g, bits, pairs):
+@pytest.mark.parametrize("path", ["packed", "amx"])
+def test_exact_against_the_dequantized_weights_times_the_int8_x(n, k, g, bits, pairs, path):
+    """Both paths: the packed one (every expert), and AMX (every expert, where groups allow: multiples of 64)."""
+    if path == "amx" and not native.amx():
+        pytest.skip("this CPU or kernel has no AMX-INT8 (the packed path is tested)")
     torch.manual_seed(0)
     t = DynaMoExperts.from_float(torch.randn(len(bits), n, k), bits, g)
     x, ids = 3 * torch.randn(pairs, k), torch.randint(0, len(bits), (pairs,))
-    y = _run(t, x, ids)
+    with native.amx_min_pairs(1 if path == "amx" else 2 ** 40):
+        y = _run(t, x, ids)
     ref = _dense(t, native.rounded_x(x, g), ids)
     assert ((y - ref).norm() / ref.norm()).item() < 1e-6
     exact = _dense(t, x, ids)                         # against x itself: the int8 rounding of x
     assert 1e-4 < ((y - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not native.amx(), reason="this CPU or kernel has no AMX-INT8")
+def test_amx_and_packed_experts_in_one_call_agree_with_the_packed_path():
+    """Experts with at least amx_min_pairs pairs take AMX, the others the packed path, in the same call; more
+    than 16 pairs of one expert make several AMX tiles of pairs; 40 rows, two blocks and a tail of rows."""
+    torch.manual_seed(1)
+    bits = (3, 2, 4, 6, 8, 3)
+    t = DynaMoExperts.from_float(torch.randn(len(bits), 40, 512), bits, 128)
+    ids = torch.tensor([0] * 37 + [1] * 2 + [2] * 9 + [3] * 1 + [4] * 20 + [5] * 4)[torch.randperm(73)]
+    x = torch.randn(73, 512, dtype=torch.bfloat16)
+    with native.amx_min_pairs(4):
+        mixed = _run(t, x, ids)
+    with native.amx_min_pairs(2 ** 40):
+        packed = _run(t, x, ids)
+    ref = _dense(t, native.rounded_x(x, 128), ids)
+    assert ((mixed - ref).norm() / ref.norm()).item() < 1e-6
+    assert torch.allclose(mixed, packed, rtol=1e-5, atol=1e-4)
 
 
 def test_int8_x_keeps_the_group_maximum_and_bounds_the_rounding():
@@ -49,15 +72,17 @@ def test_int8_x_keeps_the_group_maximum_and_bounds_the_rounding():
     assert ((native.rounded_x(x, 64) - x).abs() <= xs.repeat_interleave(64, 1) / 2 + 1e-12).all()
 
 
-def test_threads_give_the_same_bits_and_bf16_x_works():
+@pytest.mark.parametrize("min_pairs", [2 ** 40, 1])              # the packed path; AMX where the CPU has it
+def test_threads_give_the_same_bits_and_bf16_x_works(min_pairs):
     t = DynaMoExperts.from_float(torch.randn(8, 256, 512), (2, 3, 4, 6, 8, 2, 3, 4), 128)
     x, ids = torch.randn(8, 512, dtype=torch.bfloat16), torch.arange(8)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = _run(t, x, ids)
-        torch.set_num_threads(2)
-        two = _run(t, x, ids)
+        with native.amx_min_pairs(min_pairs):
+            torch.set_num_threads(1)
+            one = _run(t, x, ids)
+            torch.set_num_threads(2)
+            two = _run(t, x, ids)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two) and one.dtype == torch.float32
@@ -81,7 +106,8 @@ def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
 
 
 def _probe(env) -> subprocess.CompletedProcess:
-    code = "import warnings; warnings.simplefilter('always'); from dynamoq import native; print('AVAILABLE', native.available())"
+    code = ("import warnings; warnings.simplefilter('always'); from dynamoq import native; "
+            "print('AVAILABLE', native.available(), 'AMX', native.amx())")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
 
 
@@ -91,9 +117,12 @@ def test_switched_off_or_without_a_compiler_it_is_unavailable_and_says_why(tmp_p
     broken = _probe({"CC": "/bin/false", "DYNAMOQ_CACHE": str(tmp_path)})
     assert "AVAILABLE False" in broken.stdout and "native decode kernel is unavailable" in broken.stderr
     assert not list(tmp_path.rglob("*.so"))                 # nothing half-built left behind
+    no_amx = _probe({"DYNAMOQ_AMX": "0"})
+    assert "AVAILABLE True AMX False" in no_amx.stdout, no_amx.stderr
 
 
-def test_a_quantized_model_runs_it_for_prefill_and_decode_compiled_without_graph_breaks():
+@pytest.mark.parametrize("group_size", [32, 64])                  # 64: the prompt's experts take AMX, if any
+def test_a_quantized_model_runs_it_for_prefill_and_decode_compiled_without_graph_breaks(group_size):
     """A tiny OLMoE, mixed widths: the native kernel for a prompt (many pairs) and for one token, eager and
     compiled (fullgraph), within int8 rounding of the exact paths."""
     from torch._dynamo.utils import counters
@@ -105,7 +134,7 @@ def test_a_quantized_model_runs_it_for_prefill_and_decode_compiled_without_graph
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).eval()
     dynamoq.quantize_(m, dynamoq.DynaMoConfig(expert_bits={i: [2, 3, 4, 8, 2, 6, 4, 3] for i in range(2)},
-                                              group_size=32), progress=False)
+                                              group_size=group_size), progress=False)
     torch._dynamo.reset()
     counters.clear()
     f = torch.compile(m, fullgraph=True)
