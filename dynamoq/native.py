@@ -9,9 +9,10 @@ decode (1 pair per expert) and prefill (many): kernels.expert_linear uses it for
 
 Prefill, on CPUs with AMX-INT8 (amx()): an expert with at least 4 pairs (amx_min_pairs) has its rows
 unpacked once into one byte per code, and AMX's tile product multiplies 16 rows by 16 pairs, 64 inputs at
-a time, summed in int32 per group as above: the same result up to the order of float additions, 1.7-2.5x
-faster at 128 tokens on this machine's CPU (recipes/results/kernels_cpu.md). Needs groups of a multiple of
-64 inputs; Linux grants the tile state once per process; DYNAMOQ_AMX=0 turns it off.
+a time, summed in int32 per group as above: the same result up to the order of float additions. A DynaMo
+mixed layer at 128 tokens ran 1.6-1.7x (OLMoE shape) and 1.25-1.3x (Qwen3 shape) faster than without it
+(recipes/results/kernels_cpu.md, "(no AMX)"). Needs groups of a multiple of 64 inputs; Linux grants the
+tile state once per process; DYNAMOQ_AMX=0 turns it off.
 
 The price of the int8 x: each output is off by about 0.5% of its norm (random data; the zero point
 uses the sum of the rounded x, which centres the error), against 10-30% from 2-4-bit weights. On the
