@@ -6,8 +6,7 @@ of the paths below; plain weights through transformers' batched_mm.
 
 native_linear (CPUs with AVX-512 VNNI, any number of pairs): the hand-written kernel of native.py
   (codes as bytes times x in int8, one opaque operator under torch.compile; AMX tiles for experts with
-  many pairs where the CPU has AMX-INT8). Elsewhere, or with
-  NATIVE = False, Inductor generates the code:
+  many pairs where the CPU has AMX-INT8). Elsewhere, or with NATIVE = False, Inductor generates the code:
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
   loop nest per projection and bit-width, C++ on CPU and Triton on GPU. Each width's loop nest runs
   over all pairs with the other widths' pairs masked out, or, for big experts on CPU, over its own pairs

@@ -346,11 +346,11 @@ static void amx_end(void) { _tile_release(); }
 int dynamoq_amx_init(void) { return 0; }
 #endif
 
-// The AMX path's tables (job_t) into mem [8 * 16 * 2 per width]: run r (64 inputs) of 64 plane bytes starts at
-// input 64 r of the 64 * 8 / w inputs they hold (chunks of `lanes` bytes, packing.py's layout).
-static void amx_tables(job_t *j, const int used[9], int lanes, int32_t *mem) {
+// The AMX path's tables (job_t) into mem [AMX_TABLES]: run r (64 inputs) of 64 plane bytes starts at input
+// 64 r of the 64 * 8 / w inputs they hold (chunks of `lanes` bytes, packing.py's layout).
+#define AMX_TABLES (2 * 16 * (8 + 4 + 2 + 1))
+static void amx_tables(job_t *j, int lanes, int32_t *mem) {
     for (int w = 1; w <= 8; w *= 2) {
-        if (!used[w]) continue;
         int32_t *perm = mem, *shift = mem + 16 * (8 / w);
         mem = shift + 16 * (8 / w);
         j->w_perm[w] = perm;
@@ -420,7 +420,12 @@ static void *kept(keep_t *k, size_t need) {
     }
     return k->p;
 }
-static _Thread_local keep_t kept_main, kept_rows, kept_amx;
+static _Thread_local keep_t kept_sort, kept_main, kept_rows, kept_amx;
+
+// The expert of pair s, clamped to [0, E) (as the exact paths clamp it): no stray read.
+static inline int64_t expert_of(const int64_t *ids, int64_t s, int64_t E) {
+    return ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
+}
 
 // y [S, N] = the pairs' experts times x. expert_meta [E][2]: (bit-width, position among the experts of that
 // width); width_base[b], width_stride[b]: address of q{b} and bytes per expert in it; lane_group[w]: see job_t.
@@ -431,45 +436,39 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
                    const uint16_t *scale, const uint8_t *zero, float *y, int threads) {
     const int64_t G = K / gs, G16 = (G + 15) / 16 * 16;
     job_t j = {S, N, K, G, gs, planes, {0}, {0}, NULL, NULL, scale, zero, y};
-    // pairs by expert (counting sort); the AMX path for experts with enough pairs, where it runs
-    int64_t *start = (int64_t *)calloc((size_t)(E + 1), sizeof(int64_t));
-    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)(S + 1));
-    int64_t *fill = (int64_t *)calloc((size_t)E, sizeof(int64_t));
-    if (!start || !order || !fill) { free(start); free(order); free(fill); return -1; }
-    for (int64_t s = 0; s < S; s++) start[(ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s]) + 1]++;
+    // pairs by expert (counting sort: start [E + 1], fill [E], order [S]); the AMX path for experts with
+    // enough pairs, where it runs; xq only for the plane widths of the experts on the packed path
+    int64_t *start = (int64_t *)kept(&kept_sort, sizeof(int64_t) * (size_t)(2 * E + 1 + S));
+    if (!start) return -1;
+    int64_t *fill = start + E + 1, *order = fill + E;
+    memset(start, 0, sizeof(int64_t) * (size_t)(2 * E + 1));
+    for (int64_t s = 0; s < S; s++) start[expert_of(ids, s, E) + 1]++;
     const int64_t amx_min = amx_ready && gs % 64 == 0 ? dynamoq_amx_min_pairs : INT64_MAX;
-    int amx = 0, used[9] = {0}, packed[9] = {0};      // plane widths of the experts with pairs, on each path
+    int amx = 0, packed[9] = {0};
     int64_t most = 0;                                   // pairs of the busiest expert
     for (int64_t e = 0; e < E; e++) {
         const int64_t np = start[e + 1];
         amx |= np >= amx_min;
         most = np > most ? np : most;
-        for (int i = 0; i < 2 && np; i++) {
-            const int w = planes[(expert_meta[2 * e] * 2 + i) * 2 + 1];
-            used[w] = 1;
-            packed[w] |= np < amx_min;
-        }
+        for (int i = 0; i < 2 && np && np < amx_min; i++) packed[planes[(expert_meta[2 * e] * 2 + i) * 2 + 1]] = 1;
         start[e + 1] += start[e];
     }
-    used[0] = packed[0] = 0;
     for (int64_t s = 0; s < S; s++) {
-        const int64_t e = ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
+        const int64_t e = expert_of(ids, s, E);
         order[start[e] + fill[e]++] = s;
     }
-    free(fill);
     // scratch: xs (padded), xsum, x8, xq per plane width, the AMX path's tables
-    const int64_t tables = 4 * 8 * 16 * 2;
-    size_t bytes = sizeof(float) * (size_t)S * (2 * G + 16) + (size_t)S * K + 64 + sizeof(int32_t) * (size_t)tables;
+    size_t bytes = sizeof(float) * (size_t)S * (2 * G + 16) + (size_t)S * K + 64 + sizeof(int32_t) * AMX_TABLES;
     for (int w = 1; w <= 8; w *= 2) if (packed[w]) bytes += (size_t)S * K + 64;
     char *p = (char *)kept(&kept_main, bytes);
-    if (!p) { free(start); free(order); return -1; }
+    if (!p) return -1;
     memset(p, 0, S * (G + 16) * sizeof(float));
     float *xs = (float *)p; p += S * (G + 16) * sizeof(float);
     float *xsum = (float *)p; p += S * G * sizeof(float);
     int8_t *x8 = (int8_t *)p; p += S * K;
     int8_t *xq[9] = {0};
     for (int w = 1; w <= 8; w *= 2) if (packed[w]) { xq[w] = (int8_t *)p; p += S * K; }
-    if (amx) amx_tables(&j, used, lanes, (int32_t *)p);
+    if (amx) amx_tables(&j, lanes, (int32_t *)p);
     j.xs = xs;
     j.xsum = xsum;
     j.x8 = x8;
@@ -520,7 +519,5 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
 #endif
         }
     }
-    free(start);
-    free(order);
     return failed ? -1 : 0;
 }
