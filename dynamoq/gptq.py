@@ -16,17 +16,38 @@ from .tensors import dequantized_once
 
 MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
 BLOCK = 32        # columns updated element-wise per column; the rest by one matrix product per block
+# An expert's Hessian from n routed tokens in K dimensions is damped by at least TOKEN_DAMP * K / n of its
+# mean diagonal (shrinkage towards the identity: few tokens estimate a K x K matrix badly, and GPTQ would
+# fit their noise). On the reference model (3-bit, validation perplexity): chinese 19.07 -> 16.80, bible
+# 9.08 -> 8.37, calibration domains within 1% (drama 32.25 -> 32.35, german 31.39 -> 31.08); 4 was worse.
+TOKEN_DAMP = 1.0
 
 
-def _group_grid(w: torch.Tensor, qmax: torch.Tensor):
-    """Asymmetric grid of one group w [B, N, g] (range always holds 0), qmax [B, 1]: scale, zero [B, N]."""
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=1e-6).half().float()
-    zero = torch.minimum((-lo / scale).round().clamp(min=0), qmax)
+SHRINK = torch.linspace(1.0, 0.55, 10)   # fractions of a group's range tried for its grid
+
+
+def _group_grid(w: torch.Tensor, qmax: torch.Tensor, weight: torch.Tensor):
+    """Asymmetric grid of one group w [B, N, g] (the range always holds 0), qmax [B, 1], weight [B, g]
+    -> scale, zero [B, N]. The group's range is shrunk by the fraction in SHRINK whose rounding error
+    sum_j weight_j (w_j - q_j)^2 is least: clipping a few large weights buys a finer grid for the rest.
+    On the reference model (3-bit GPTQ, validation perplexity) this lowered drama 33.99 -> 32.25 and
+    chinese 22.10 -> 19.07; with its bible expert at 2 bits, bible 28.38 -> 14.47."""
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)                           # [B, N]
+    best = scale = zero = None
+    for f in SHRINK.tolist():
+        s = ((hi - lo) * f / qmax).clamp(min=1e-6).half().float()
+        z = torch.minimum((-lo * f / s).round().clamp(min=0), qmax)
+        q = torch.minimum((w / s[..., None]).round().add(z[..., None]).clamp(min=0), qmax[..., None])
+        err = (((q - z[..., None]) * s[..., None] - w).pow(2) * weight[:, None, :]).sum(-1)   # [B, N]
+        if best is None:
+            best, scale, zero = err, s, z
+        else:
+            better = err < best
+            best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
 
 
-def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
+def _inverse_factor(h: torch.Tensor, damp, max_retries: int):
     """Upper triangular u with u^T u = (h + damping)^-1, h [B, K, K] -> (u [B, K, K], damping [B]).
     One Cholesky factorisation of the damped h with its indices reversed, J h J = M M^T (M lower),
     gives h = R R^T with R = J M J upper, so u = R^-1: a triangular inverse, no inverse of h formed.
@@ -34,13 +55,15 @@ def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
     b, k = h.shape[0], h.shape[-1]
     eye = torch.eye(k, dtype=h.dtype)
     mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+    base = torch.as_tensor(damp, dtype=h.dtype).expand(b)                              # [B]
     tries = torch.zeros(b, dtype=torch.long)
     u = torch.empty_like(h)
     todo = torch.arange(b)
     while len(todo):
         if int(tries[todo].max()) >= max_retries:
-            raise QuantizationError(f"the Hessian is not positive definite even with damping {damp * 10 ** max_retries}")
-        d = damp * 10.0 ** tries[todo].to(h.dtype)
+            raise QuantizationError(f"the Hessian is not positive definite even with damping "
+                                    f"{float(base[todo].max()) * 10 ** max_retries:g}")
+        d = base[todo] * 10.0 ** tries[todo].to(h.dtype)
         hd = (h if len(todo) == b else h[todo]) + (d * mean_diag[todo])[:, None, None] * eye
         m, info = torch.linalg.cholesky_ex(hd.flip(-2, -1))
         r = m.flip(-2, -1)                                                             # [b', K, K] upper
@@ -52,16 +75,17 @@ def _inverse_factor(h: torch.Tensor, damp: float, max_retries: int):
             u[todo[ok]] = uu[ok]
         tries[todo[~ok]] += 1
         todo = todo[~ok]
-    return u, [damp * 10 ** int(t) for t in tries]
+    return u, [float(d) * 10 ** int(t) for d, t in zip(base, tries)]
 
 
-def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp: float = 0.01,
+def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp=0.01,
          act_order: bool = False, max_retries: int = 6, keep: torch.Tensor | None = None):
     """w_nk [N, K] or a batch [B, N, K] (the experts of one projection, solved together: one pass over
     the columns for all of them), hessian [K, K] or [B, K, K] (X^T X of the inputs), bits an int or one
-    per batch entry -> codes [..., N, K] int32, scale, zero [..., N, K // g], the damping that made
-    each Hessian positive definite (a float, or a list for a batch), and updated [..., N, K]: the value
-    each column had when it was quantized (the original plus the error fed to it by earlier columns).
+    per batch entry, damp (a share of the mean diagonal) a float or one per batch entry -> codes [..., N, K]
+    int32, scale, zero [..., N, K // g] (each group's grid from _group_grid), the damping that made each
+    Hessian positive definite (a float, or a list for a batch), and updated [..., N, K]: the value each
+    column had when it was quantized (the original plus the error fed to it by earlier columns).
     keep [..., K] bool: columns whose rounding error is fed to no other column, the switching cache's,
     so that a switch may re-quantize them (from `updated`) without undoing the others' compensation."""
     single = w_nk.dim() == 2
@@ -76,10 +100,16 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
     w.masked_fill_(dead[:, None, :], 0.0)
     ngroups = k // group_size
     rows = torch.arange(b)
+    # what a column's rounding error costs when a grid is chosen: its Hessian diagonal; 0 for kept columns
+    # (a switch re-quantizes them), so that their values do not move the grid of the others
+    grid_w = h.diagonal(dim1=-2, dim2=-1).float()                                        # [B, K]
+    if keep is not None:
+        grid_w = grid_w * (~keep.reshape(b, k))
     static = None
     if act_order:   # group grids fixed from the original weights, so columns may be visited in any order
         g = w.unflatten(-1, (ngroups, group_size))                                        # [B, N, G, g]
-        grids = [_group_grid(g[:, :, j], qmax) for j in range(ngroups)]
+        gw = grid_w.unflatten(-1, (ngroups, group_size))                                  # [B, G, g]
+        grids = [_group_grid(g[:, :, j], qmax, gw[:, j]) for j in range(ngroups)]
         static = (torch.stack([s for s, _ in grids], -1), torch.stack([z for _, z in grids], -1))  # [B, N, G]
         perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)       # [B, K]
         w = w.gather(-1, perm[:, None, :].expand(-1, n, -1))
@@ -100,7 +130,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp:
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         if static is None and i1 % group_size == 0:
-            s, z = _group_grid(wt[:, i1:i1 + group_size].transpose(1, 2), qmax)
+            s, z = _group_grid(wt[:, i1:i1 + group_size].transpose(1, 2), qmax, grid_w[:, i1:i1 + group_size])
             scale[:, :, i1 // group_size], zero[:, :, i1 // group_size] = s, z
         w1 = wt[:, i1:i2]                                                                 # [B, block, N], a view
         err1 = torch.empty_like(w1)
@@ -227,15 +257,17 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                 if t.cache_idx is not None:       # [E, r] -> [E, K]: the cached columns feed no error forward
                     keep = torch.zeros(e_n, k, dtype=torch.bool).scatter_(-1, t.cache_idx.cpu(), True)
                 if solve:
+                    damps = [max(damp, TOKEN_DAMP * k / int(stats.count[e])) if stats.count[e] >= MIN_TOKENS else damp
+                             for e in solve]
                     c, s_, z, used, upd = gptq(w_nk[solve], torch.stack([x.cpu() for x in hessians]),
-                                               [t.bits[e] for e in solve], group_size, damp, act_order,
+                                               [t.bits[e] for e in solve], group_size, damps, act_order,
                                                keep=None if keep is None else keep[solve])
                     codes[solve], scale[solve], zero[solve] = c, s_, z
                     if keep is not None:
                         w_nk = w_nk.clone()           # may share the model's storage: never written
                         w_nk[solve] = upd
-                    for e, d in zip(solve, used):
-                        if d != damp:
+                    for e, d, d0 in zip(solve, used, damps):
+                        if d != d0:
                             report["damping"][f"{t.fqn}[{e}]"] = d
                 t.apply(group_size, codes=(codes, scale, zero), w_fp=w_nk)
             del stats, hook, hooks

@@ -95,6 +95,20 @@ def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
     return 1 / statistics.median(times[min(warmup, len(times) - 1):]), out
 
 
+def revision() -> str:
+    """The commit of the code that runs ("-dirty" with uncommitted changes; "unknown" outside git)."""
+    import subprocess
+    here = Path(__file__).parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
 def write(name: str, result: dict, table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),

@@ -13,7 +13,7 @@ import sys
 import time
 
 import torch
-from _common import CALIB, RESULTS, evaluate, fmt_ppl, fresh, load, parser, texts, write
+from _common import CALIB, RESULTS, evaluate, fmt_ppl, fresh, load, parser, revision, texts, write
 
 import dynamoq
 from dynamoq import DynaMoConfig
@@ -84,6 +84,7 @@ def main():
         rows = {k: v for k, v in rows.items()
                 if (k == "FP" and "FP" not in stored) or any(r.lower() in k.lower() for r in args.rows)}
     command = shlex.join(["baseline.py"] + sys.argv[1:])
+    code = revision()
     measured = {}
 
     def finish() -> None:
@@ -116,10 +117,10 @@ def main():
             f"float16 scales and uint8 zeros. Zero-shot: true continuation among 4 (100 items from all test splits).")
         by = {}
         for name, r in results.items():
-            by.setdefault(r["command"], []).append(name)
+            by.setdefault((r["command"], r.get("revision", "before revisions were recorded")), []).append(name)
         if len(by) > 1:
             table += "\n\nRows measured by separate runs with the same settings: " + "; ".join(
-                f"`{c}`: {', '.join(names)}" for c, names in by.items()) + "."
+                f"`{c}` (code {v}): {', '.join(names)}" for (c, v), names in by.items()) + "."
         write(args.name or "baseline", {"args": vars(args), "complete": list(results) == order,
                                         "analysis_seconds": analysis_seconds, "calibration": CALIB,
                                         "held_out": held_out, "rows": results}, table)
@@ -135,7 +136,7 @@ def main():
         measured[name] = {"domains": evaluate(model, tok, domains, args, reference=fp if cfg else None),
                           "zero_shot": zero_shot(model, tok, items), "quantize_seconds": seconds,
                           "storage_bits": rep and rep["storage_bits"], "usage_bits": rep and rep["usage_bits"],
-                          "experts": rep and rep["experts"], "command": command}
+                          "experts": rep and rep["experts"], "command": command, "revision": code}
         print(name, {d: round(r["ppl"], 3) for d, r in measured[name]["domains"].items()}, flush=True)
         if "FP" in measured or "FP" in stored:
             finish()

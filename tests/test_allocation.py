@@ -78,6 +78,26 @@ def test_relative_error_falls_with_bits_and_weights_channels():
     assert (relative_error(w, m2, 64) != err).any()
 
 
+def test_a_massive_activation_does_not_hide_the_other_channels_errors():
+    """One input channel with most of the energy (a massive activation) whose weight column is large, so
+    that it sets its groups' ranges and rounds finely: uncapped, the expert's relative error would be
+    that column's alone, far below the same weights' error with even inputs."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 32, 128)
+    w[:, :, 0] *= 20
+    even = torch.ones(2, 128)
+    massive = even.clone()
+    massive[:, 0] = 1e5
+    a, b = relative_error(w, even, 64), relative_error(w, massive, 64)
+    assert torch.allclose(a, b, rtol=0.1)
+    import dynamoq.allocation as alloc
+    old, alloc.OUTLIER_QUANTILE = alloc.OUTLIER_QUANTILE, 1.0       # no cap: the test can fail
+    try:
+        assert (relative_error(w, massive, 64) < 0.5 * a).all()
+    finally:
+        alloc.OUTLIER_QUANTILE = old
+
+
 def test_prior_mixes_uniform_traffic_and_lifts_an_unseen_expert():
     from dynamoq.allocation import with_prior
     sig = torch.tensor([0.7, 0.3, 0.0, 0.0], dtype=torch.float64)

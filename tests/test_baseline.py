@@ -188,6 +188,35 @@ def test_batched_gptq_equals_one_expert_at_a_time_and_damps_each_alone():
         assert torch.equal(codes[e], c) and torch.equal(scale[e], s) and torch.equal(zero[e], z) and d == used[e]
 
 
+def test_clipped_grid_beats_the_full_range_where_a_weight_stands_out():
+    """A group with one large weight: the grid search shrinks the range (the outlier clips) and the
+    Hessian-weighted rounding error of the group falls."""
+    from dynamoq.gptq import _group_grid
+    torch.manual_seed(0)
+    w = torch.randn(1, 8, 64).clamp(-2, 2)
+    w[0, :, 5] = 6.0                                    # one outlier per row
+    qmax, weight = torch.tensor([[3.0]]), torch.ones(1, 64)
+    s, z = _group_grid(w, qmax, weight)
+    full = (w.amax(-1) - w.amin(-1).clamp(max=0)) / 3
+    assert (s < 0.9 * full).all()
+    def err(s, z):
+        q = torch.minimum((w / s[..., None]).round() + z[..., None], qmax[..., None]).clamp(min=0)
+        return ((q - z[..., None]) * s[..., None] - w).pow(2).sum(-1)
+    z_full = (-w.amin(-1).clamp(max=0) / full).round()
+    assert (err(s, z) < err(full, z_full)).all()
+
+
+def test_per_expert_damping_is_what_each_expert_alone_would_get():
+    torch.manual_seed(0)
+    w, x = torch.randn(2, 16, 64), torch.randn(2, 40, 64)          # 40 tokens: damping matters
+    h = torch.einsum("btk,btj->bkj", x.double(), x.double())
+    codes, _, _, used, _ = gptq(w, h, 3, 32, damp=[0.01, 1.0])
+    assert used == [0.01, 1.0]
+    for e, d in enumerate((0.01, 1.0)):
+        assert torch.equal(codes[e], gptq(w[e], h[e], 3, 32, damp=d)[0])
+    assert not torch.equal(codes[1], gptq(w[1], h[1], 3, 32, damp=0.01)[0])
+
+
 def test_kept_columns_feed_no_error_forward_and_come_back_updated():
     torch.manual_seed(0)
     x = torch.randn(256, 64)
