@@ -173,6 +173,30 @@ def test_experts_short_of_tokens_get_the_balanced_hessian_or_rtn(monkeypatch):
     assert torch.equal(first.codes()[0], codes)
 
 
+def test_an_expert_with_few_routed_tokens_gets_more_damping(monkeypatch):
+    """quantize_model damps each expert's Hessian by at least TOKEN_DAMP x K / its routed tokens."""
+    from dynamoq import gptq as gq
+    from dynamoq.calibration import collecting
+    from dynamoq.quantize import DynaMoConfig as Cfg, plan
+
+    m = build("qwen3_moe")
+    w = torch.randint(0, m.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    block = dynamoq.moe_blocks(m)[0]
+    with collecting(m, blocks=[block]) as hooks:
+        m(w)
+    count = hooks[block.layer].stats.count
+    monkeypatch.setattr(gq, "MIN_TOKENS", 1)
+    calls = []
+    real = gq.gptq
+    monkeypatch.setattr(gq, "gptq", lambda w_nk, h, *a, **k: calls.append((w_nk.shape[-1], a[2])) or real(w_nk, h, *a, **k))
+    q = build("qwen3_moe")
+    gq.quantize_model(q, plan(q, Cfg(bits=3, group_size=32)), [w], 32, progress=False)
+    k, damps = calls[0]                                        # layer 0's first projection
+    routed = [int(c) for c in count if c >= 1]
+    assert damps == [max(0.01, gq.TOKEN_DAMP * k / c) for c in routed]
+    assert max(damps) > 0.01                                    # 64 tokens over a few experts: some damped more
+
+
 def test_batched_gptq_equals_one_expert_at_a_time_and_damps_each_alone():
     """The experts of a projection are solved in one pass over the columns; every expert gets exactly
     the codes it would get alone, and only a Hessian that is not positive definite gets more damping."""
