@@ -96,13 +96,15 @@ def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
 
 
 def revision() -> str:
-    """The commit of the code that runs ("-dirty" with uncommitted changes; "unknown" outside git)."""
+    """The commit of the code that runs ("-dirty" with uncommitted changes outside recipes/results;
+    "unknown" outside git)."""
     import subprocess
     here = Path(__file__).parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top,exclude)recipes/results"], cwd=here,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
