@@ -197,6 +197,10 @@ def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=Non
     config = resolve(model, config, progress)
     targets = plan(model, config)
     before = [(m, dict(m._parameters)) for m in model.modules()]
+    # the handler also points each experts config at the fused kernels: put that back too on failure
+    impls = [(c, getattr(c, "_experts_implementation", None))
+             for c in {id(b.experts.config): b.experts.config for b in adapters.moe_blocks(model)
+                       if getattr(b.experts, "config", None) is not None}.values()]
     try:
         if config.quantizer == "gptq":
             from . import gptq
@@ -214,6 +218,8 @@ def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=Non
         for m, params in before:
             m._parameters.clear()
             m._parameters.update(params)
+        for c, impl in impls:
+            c._experts_implementation = impl
         raise
     return model
 
