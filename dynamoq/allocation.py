@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .packing import BITS, OVERHEAD_BITS_PER_GROUP, QuantizationError, dequantize, quantize_rtn
+from .packing import BITS, OVERHEAD_BITS_PER_GROUP, SCALE_DTYPE, QuantizationError, check_bits
 
 FUZZY_BITS = (2, 4, 6, 8)          # low to high cluster centre
 
@@ -62,9 +62,19 @@ def output_error(w_nk: torch.Tensor, mean_x2: torch.Tensor, group_size: int, bit
     their energy in one channel) would otherwise make every other channel's error look small."""
     m = mean_x2.float()
     m = m.minimum(m.quantile(OUTLIER_QUANTILE, dim=-1, keepdim=True))
-    energy = (w_nk.float().pow(2).sum(-2) * m).sum(-1)
-    errs = [(((dequantize(*quantize_rtn(w_nk, b, group_size)) - w_nk.float()).pow(2).sum(-2)) * m).sum(-1)
-            for b in bits]
+    w = w_nk.float()
+    energy = (w.pow(2).sum(-2) * m).sum(-1)
+    g = w.unflatten(-1, (-1, group_size))                                          # [E, N, G, g]
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)                    # [E, N, G]: quantize_rtn's range
+    errs = []
+    for b in bits:
+        qmax = (1 << check_bits(b)) - 1
+        s = ((hi - lo) / qmax).clamp(min=1e-6).to(SCALE_DTYPE).float()
+        z = (-lo / s).round().clamp(0, qmax)
+        r = g / s[..., None]
+        # (code - zero) - r, the code clamped to the grid, times the scale: each weight's rounding error
+        d = r.round().clamp_(min=-z[..., None], max=(qmax - z)[..., None]).sub_(r).square_().mul_(s.square()[..., None])
+        errs.append((d.sum(1).flatten(-2) * m).sum(-1))
     return torch.stack(errs, -1), energy
 
 

@@ -17,7 +17,9 @@ Everything is a sum in float64, so shards from several processes add up to the o
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +77,18 @@ def expert_inputs(experts, e: int, x: torch.Tensor) -> list[torch.Tensor]:
     return [x, h]
 
 
+def expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:
+    """Output of fused expert e from its down projection's input h [T, I] -> [T, H] (float32, before the
+    routing weight), as transformers' experts forward computes it."""
+    w = experts.down_proj[e].float()
+    y = h @ w if experts.is_transposed else h @ w.t()
+    if experts.has_bias:
+        y = y + experts.down_proj_bias[e].float()
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y.to(experts.down_proj.dtype)).float()
+    return y
+
+
 def _gram(t: torch.Tensor) -> torch.Tensor:
     """t [T, K] -> t^T t [K, K] in float64: one batch's product in float32 (half the time of float64;
     the batch sums stay in float64)."""
@@ -82,12 +96,22 @@ def _gram(t: torch.Tensor) -> torch.Tensor:
     return (t.t() @ t).double()
 
 
+CHECK_TOKENS = 16   # tokens on which the first replaced forward of each experts module is checked
+
+
 class _BlockHook:
+    """Sums one MoE block's statistics. Installed in place of the experts' forward (`run`): each expert's
+    projections are computed once, for the sums and for the output, instead of the forward computing
+    them and the sums again. The first call checks the output against the module's own forward on a few
+    tokens; a module it does not reproduce (or one wrapped by accelerate's hooks) keeps its forward and
+    gets the sums from a pre-forward hook (`__call__`), which computes the projections a second time."""
+
     def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool, keep_inputs: bool = False):
         self.block, self.balanced, self.hessian, self.keep_inputs = block, balanced, hessian, keep_inputs
         self.stats: LayerStats | None = None
         self.inputs: list[torch.Tensor] = []      # with keep_inputs: the experts' inputs [T, H] of each call
         self.thread = threading.get_ident()   # forwards served meanwhile by other threads do not count
+        self.replaced: bool | None = None     # None until the first call of the replaced forward is checked
 
     def _init(self, dims: list[int], device):
         e = self.block.num_experts
@@ -97,10 +121,8 @@ class _BlockHook:
                                 z(()) if self.balanced else None,
                                 [z(e, k, k) for k in dims] if self.hessian else None)
 
-    @torch.no_grad()
-    def __call__(self, module, args, kwargs):
-        if threading.get_ident() != self.thread:
-            return
+    def _sums(self, module, args, kwargs, out: torch.Tensor | None = None):
+        """Add one call's statistics; with out [T, H] float32, also add each expert's weighted output."""
         x, idx, w = _routing_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
         idx, w = idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1).float()
@@ -126,14 +148,46 @@ class _BlockHook:
                 for p, t in enumerate(routed):
                     t2 = t.double().pow(2)
                     s.x2[p][e] += t2.sum(0)
-                    s.wx2[p][e] += (we[:, None] * t2).sum(0)
+                    s.wx2[p][e] += we @ t2
                     if self.hessian:
                         s.hessian[p][e] += _gram(t)
                 if self.balanced:
                     for p, t in enumerate(inputs):
                         s.all_x2[p][e] += t.double().pow(2).sum(0)
+                if out is not None and tok.numel():
+                    out.index_add_(0, tok, expert_output(module, e, routed[-1]) * w[tok, kpos, None])
             if self.balanced:
                 self.stats.all_count += x.shape[0]
+
+    @torch.no_grad()
+    def __call__(self, module, args, kwargs):
+        if threading.get_ident() == self.thread:
+            self._sums(module, args, kwargs)
+
+    @torch.no_grad()
+    def run(self, module, forward, *args, **kwargs):
+        """The experts' forward while collecting; `forward` is the module's own."""
+        hidden = _routing_args(args, kwargs)[0]
+        if threading.get_ident() != self.thread or self.replaced is False or hidden.dim() != 2:
+            self(module, args, kwargs)
+            return forward(*args, **kwargs)
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        self._sums(module, args, kwargs, out)
+        out = out.to(hidden.dtype)
+        if self.replaced is None:
+            n = min(CHECK_TOKENS, hidden.shape[0])
+            cut = [a[:n] if isinstance(a, torch.Tensor) else a for a in args]
+            ref = forward(*cut, **{k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            tol = 1e-4 if hidden.dtype == torch.float32 else 3e-2
+            ref, mine = ref.float(), out[:n].float()
+            self.replaced = bool(ref.isfinite().all()) and bool(torch.allclose(
+                mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6))
+            if not self.replaced:
+                if ref.isfinite().all():
+                    warnings.warn(f"calibration could not reproduce {type(module).__name__}'s forward; it keeps "
+                                  "its own forward and the statistics cost a second pass over the experts", stacklevel=2)
+                return forward(*args, **kwargs)
+        return out
 
     @torch.no_grad()
     def balanced_hessian(self, p: int, e: int) -> torch.Tensor:
@@ -202,18 +256,24 @@ def collecting(model, blocks=None, balanced=False, hessian=False, keep_inputs=Fa
     """Within the block, every forward adds to the statistics of each MoE block: yields
     {layer: hook} whose `.stats` hold the sums."""
     blocks = blocks if blocks is not None else adapters.moe_blocks(model)
-    hooks, handles = {}, []
+    hooks, handles, replaced = {}, [], []
     for b in blocks:
-        if not b.adapter.fused:
-            raise NotImplementedError(f"calibration of {type(b.experts).__name__} (a list of expert modules) "
-                                      "is not supported yet; quantize it data-free (bits=/expert_bits=)")
-        hooks[b.layer] = _BlockHook(b, balanced, hessian, keep_inputs)
-        handles.append(b.experts.register_forward_pre_hook(hooks[b.layer], with_kwargs=True))
+        if b.adapter.calibration is not None:
+            raise NotImplementedError(f"calibration of {type(b.experts).__name__} is not supported yet: "
+                                      f"{b.adapter.calibration}; quantize it data-free (bits=/expert_bits=)")
+        hook = hooks[b.layer] = _BlockHook(b, balanced, hessian, keep_inputs)
+        if "forward" in vars(b.experts):      # already wrapped (accelerate's offload hooks): leave it be
+            handles.append(b.experts.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            b.experts.forward = functools.partial(hook.run, b.experts, b.experts.forward)
+            replaced.append(b.experts)
     try:
         yield hooks
     finally:
         for h in handles:
             h.remove()
+        for m in replaced:
+            del m.forward
 
 
 def rank_world() -> tuple[int, int]:

@@ -37,8 +37,10 @@ def _group_grid(w: torch.Tensor, qmax: torch.Tensor, weight: torch.Tensor):
     for f in SHRINK.tolist():
         s = ((hi - lo) * f / qmax).clamp(min=1e-6).half().float()
         z = torch.minimum((-lo * f / s).round().clamp(min=0), qmax)
-        q = torch.minimum((w / s[..., None]).round().add(z[..., None]).clamp(min=0), qmax[..., None])
-        err = (((q - z[..., None]) * s[..., None] - w).pow(2) * weight[:, None, :]).sum(-1)   # [B, N]
+        r = w / s[..., None]                                                            # [B, N, g]
+        # the code minus the zero, clamp(round(r), -z, qmax - z), against r: the error in units of s
+        d = r.round().clamp_(min=-z[..., None], max=(qmax - z)[..., None]).sub_(r)
+        err = (d.square_() @ weight[:, :, None]).squeeze(-1) * s.square()                # [B, N]
         if best is None:
             best, scale, zero = err, s, z
         else:
@@ -47,28 +49,40 @@ def _group_grid(w: torch.Tensor, qmax: torch.Tensor, weight: torch.Tensor):
     return scale, zero
 
 
+def _factor(hf: torch.Tensor):
+    """hf [B, K, K] = J hd J, a positive definite hd with its indices reversed -> (u [B, K, K] upper with
+    u^T u = hd^-1, ok [B]). The Cholesky factor of hf, M M^T (M lower), gives hd = R R^T with R = J M J
+    upper, so u = R^-1: a triangular solve, no inverse of hd formed."""
+    m, info = torch.linalg.cholesky_ex(hf)
+    u = torch.linalg.solve_triangular(m.flip(-2, -1), torch.eye(hf.shape[-1], dtype=hf.dtype), upper=True)
+    return u, (info == 0) & u.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
+
+
 def _inverse_factor(h: torch.Tensor, damp, max_retries: int):
-    """Upper triangular u with u^T u = (h + damping)^-1, h [B, K, K] -> (u [B, K, K], damping [B]).
-    One Cholesky factorisation of the damped h with its indices reversed, J h J = M M^T (M lower),
-    gives h = R R^T with R = J M J upper, so u = R^-1: a triangular inverse, no inverse of h formed.
-    A matrix that is not positive definite is retried alone with ten times the damping."""
+    """Upper triangular u with u^T u = (h + damping)^-1, h [B, K, K] float32 -> (u [B, K, K] float32,
+    damping [B] as a share of each mean diagonal). Factorised in float32, which takes half the time of
+    float64 and, with a damping of at least 1% of the mean diagonal, errs far below it (|u^T u (h +
+    damping) - I| ~ 1e-6 on K = 1536 Hessians of the reference model); a matrix float32 cannot factor
+    is factorised in float64, and one that is not positive definite even so is retried alone with ten
+    times the damping."""
     b, k = h.shape[0], h.shape[-1]
-    eye = torch.eye(k, dtype=h.dtype)
-    mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
-    base = torch.as_tensor(damp, dtype=h.dtype).expand(b)                              # [B]
+    mean_diag = h.diagonal(dim1=-2, dim2=-1).double().mean(-1)                        # [B]
+    base = torch.as_tensor(damp, dtype=torch.float64).expand(b)                        # [B]
     tries = torch.zeros(b, dtype=torch.long)
-    u = torch.empty_like(h)
+    u = torch.empty(b, k, k)
     todo = torch.arange(b)
     while len(todo):
         if int(tries[todo].max()) >= max_retries:
             raise QuantizationError(f"the Hessian is not positive definite even with damping "
                                     f"{float(base[todo].max()) * 10 ** max_retries:g}")
-        d = base[todo] * 10.0 ** tries[todo].to(h.dtype)
-        hd = (h if len(todo) == b else h[todo]) + (d * mean_diag[todo])[:, None, None] * eye
-        m, info = torch.linalg.cholesky_ex(hd.flip(-2, -1))
-        r = m.flip(-2, -1)                                                             # [b', K, K] upper
-        uu = torch.linalg.solve_triangular(r, eye, upper=True)
-        ok = (info == 0) & uu.isfinite().flatten(1).all(-1)
+        d = base[todo] * 10.0 ** tries[todo].double() * mean_diag[todo]                 # [B'] added to the diagonal
+        hf = (h if len(todo) == b else h[todo]).flip(-2, -1)                              # a copy: damped in place
+        hf.diagonal(dim1=-2, dim2=-1).add_(d.float()[:, None])
+        uu, ok = _factor(hf)
+        if not ok.all():
+            redo = (~ok).nonzero().squeeze(1)
+            u64, ok64 = _factor(hf[redo].double())
+            uu[redo], ok[redo] = u64.float(), ok64
         if bool(ok.all()) and len(todo) == b:
             u = uu
         else:
@@ -94,7 +108,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp=
     bits = [bits] * b if isinstance(bits, int) else list(bits)
     qmax = torch.tensor([(1 << x) - 1 for x in bits], dtype=torch.float32)[:, None]      # [B, 1]
     w = w.float().clone()
-    h = h.double().clone()
+    h = h.to(torch.float32, copy=True)
     dead = h.diagonal(dim1=-2, dim2=-1) == 0                                              # [B, K]
     h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     w.masked_fill_(dead[:, None, :], 0.0)
@@ -117,8 +131,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp=
     else:
         perm = torch.arange(k).expand(b, k)
     feed = None if keep is None else (~keep.reshape(b, k).gather(-1, perm)).float()     # [B, K] in visiting order
-    u, used = _inverse_factor(h, damp, max_retries)          # float64: the Hessians are ill-conditioned
-    u = u.float()
+    u, used = _inverse_factor(h, damp, max_retries)
     wt = w.transpose(1, 2).contiguous()                                                   # [B, K, N]: column k is row k
     codes = torch.zeros(b, k, n, dtype=torch.int32)                                       # [B, K, N]
     scale = torch.zeros(b, n, ngroups) if static is None else static[0]

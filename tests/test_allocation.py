@@ -78,6 +78,20 @@ def test_relative_error_falls_with_bits_and_weights_channels():
     assert (relative_error(w, m2, 64) != err).any()
 
 
+def test_output_error_is_that_of_round_to_nearest():
+    """The allocation's error at each width is the E[x^2]-weighted error of quantize_rtn's round trip."""
+    from dynamoq.allocation import output_error
+    from dynamoq.packing import dequantize, quantize_rtn
+    torch.manual_seed(0)
+    w, m = torch.randn(3, 16, 128), torch.rand(3, 128)
+    err, energy = output_error(w, m, 64)
+    m = m.minimum(m.quantile(0.99, dim=-1, keepdim=True))          # E[x^2] capped at its 99th percentile
+    for j, b in enumerate(BITS):
+        ref = ((dequantize(*quantize_rtn(w, b, 64)) - w).pow(2).sum(-2) * m).sum(-1)
+        assert torch.allclose(err[:, j], ref, rtol=1e-5), b
+    assert torch.allclose(energy, (w.pow(2).sum(-2) * m).sum(-1))
+
+
 def test_a_massive_activation_does_not_hide_the_other_channels_errors():
     """One input channel with most of the energy (a massive activation) whose weight column is large, so
     that it sets its groups' ranges and rounds finely: uncapped, the expert's relative error would be

@@ -90,3 +90,57 @@ def test_refused_family_says_why(model_type):
     m = build(model_type)
     with pytest.raises(UnsupportedModelError, match=REFUSED[model_type]):
         dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=G))
+
+
+def _calibrated(m, x, hessian=True):
+    """Logits of one forward while collecting, and the statistics (tensors of each layer)."""
+    from dynamoq.calibration import collecting
+    with collecting(m, hessian=hessian) as hooks, torch.no_grad():
+        logits = m(x).logits
+    return logits, {layer: h.stats.tensors() for layer, h in hooks.items()}, hooks
+
+
+@pytest.mark.parametrize("model_type", sorted(set(TINY) - set(REFUSED)))
+def test_calibration_computes_the_experts_once_and_changes_nothing(model_type):
+    """While collecting, the experts' forward is replaced by one that computes each projection once for
+    the sums and the output: the logits are those of the model's own forward, and the sums those of the
+    pre-forward hook that computes the projections again (forced here by a forward already wrapped, as
+    accelerate's offload wraps it)."""
+    m = build(model_type)
+    x = tokens(m)
+    refused = [b.adapter.calibration for b in dynamoq.moe_blocks(m) if b.adapter.calibration is not None]
+    if refused:
+        with pytest.raises(NotImplementedError, match=f"not supported yet: {re.escape(refused[0])}; quantize it data-free"):
+            dynamoq.analyze(m, {"x": x}, progress=False)
+        return
+    with torch.no_grad():
+        plain = m(x).logits
+    logits, stats, hooks = _calibrated(m, x)
+    assert all(h.replaced for h in hooks.values()), {k: h.replaced for k, h in hooks.items()}
+    assert _rel(logits, plain) < 1e-5
+    assert all("forward" not in vars(b.experts) for b in dynamoq.moe_blocks(m))    # put back
+    for b in dynamoq.moe_blocks(m):
+        b.experts.forward = b.experts.forward
+    logits2, stats2, hooks2 = _calibrated(m, x)
+    assert all(h.replaced is None for h in hooks2.values())                       # the pre-hook served
+    assert torch.equal(logits2, plain)
+    for layer, t in stats.items():
+        for k, v in t.items():
+            assert torch.allclose(v, stats2[layer][k], rtol=1e-5, atol=1e-6 * float(v.abs().max())), (layer, k)
+
+
+def test_calibration_keeps_a_forward_it_cannot_reproduce(monkeypatch):
+    m = build("qwen3_moe")
+    x = tokens(m)
+    ref_stats = _calibrated(m, x)[1]
+    cls = type(dynamoq.moe_blocks(m)[0].experts)
+    own = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **k: 1.5 * own(self, *a, **k))
+    with torch.no_grad():
+        plain = m(x).logits
+    with pytest.warns(UserWarning, match="could not reproduce Qwen3MoeExperts's forward"):
+        logits, stats, hooks = _calibrated(m, x)
+    assert all(h.replaced is False for h in hooks.values())
+    assert torch.equal(logits, plain)
+    first = min(stats)          # the first MoE layer's inputs do not depend on the patched forward
+    assert torch.allclose(stats[first]["x2.0"], ref_stats[first]["x2.0"])
