@@ -106,8 +106,10 @@ class _BlockHook:
     tokens; a module it does not reproduce (or one wrapped by accelerate's hooks) keeps its forward and
     gets the sums from a pre-forward hook (`__call__`), which computes the projections a second time."""
 
-    def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool, keep_inputs: bool = False):
+    def __init__(self, block: adapters.MoEBlock, balanced: bool, hessian: bool, keep_inputs: bool = False,
+                 outputs: bool = True):
         self.block, self.balanced, self.hessian, self.keep_inputs = block, balanced, hessian, keep_inputs
+        self.outputs = outputs                # False: nothing reads the forward's output, zeros are returned
         self.stats: LayerStats | None = None
         self.inputs: list[torch.Tensor] = []      # with keep_inputs: the experts' inputs [T, H] of each call
         self.thread = threading.get_ident()   # forwards served meanwhile by other threads do not count
@@ -172,9 +174,9 @@ class _BlockHook:
             self(module, args, kwargs)
             return forward(*args, **kwargs)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        self._sums(module, args, kwargs, out)
+        self._sums(module, args, kwargs, out if self.outputs else None)
         out = out.to(hidden.dtype)
-        if self.replaced is None:
+        if self.replaced is None and self.outputs:
             n = min(CHECK_TOKENS, hidden.shape[0])
             cut = [a[:n] if isinstance(a, torch.Tensor) else a for a in args]
             ref = forward(*cut, **{k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
@@ -252,16 +254,17 @@ def collecting_linears(linears: dict, hessian: bool = False):
 
 
 @contextlib.contextmanager
-def collecting(model, blocks=None, balanced=False, hessian=False, keep_inputs=False):
+def collecting(model, blocks=None, balanced=False, hessian=False, keep_inputs=False, outputs=True):
     """Within the block, every forward adds to the statistics of each MoE block: yields
-    {layer: hook} whose `.stats` hold the sums."""
+    {layer: hook} whose `.stats` hold the sums. outputs=False: the caller discards what the forward
+    returns, so the experts skip their down projections and return zeros."""
     blocks = blocks if blocks is not None else adapters.moe_blocks(model)
     hooks, handles, replaced = {}, [], []
     for b in blocks:
         if b.adapter.calibration is not None:
             raise NotImplementedError(f"calibration of {type(b.experts).__name__} is not supported yet: "
                                       f"{b.adapter.calibration}; quantize it data-free (bits=/expert_bits=)")
-        hook = hooks[b.layer] = _BlockHook(b, balanced, hessian, keep_inputs)
+        hook = hooks[b.layer] = _BlockHook(b, balanced, hessian, keep_inputs, outputs)
         if "forward" in vars(b.experts):      # already wrapped (accelerate's offload hooks): leave it be
             handles.append(b.experts.register_forward_pre_hook(hook, with_kwargs=True))
         else:

@@ -229,7 +229,8 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
         linear_targets = [t for t in todo if isinstance(t.owner, torch.nn.Linear)]
         if gptq_targets or linear_targets:
             # routed Hessians for every expert; the balanced one (every token) only for experts short of tokens
-            with collecting(model, blocks=[block] if gptq_targets else [], hessian=True, keep_inputs=balanced) as hooks, \
+            with collecting(model, blocks=[block] if gptq_targets else [], hessian=True, keep_inputs=balanced,
+                            outputs=False) as hooks, \
                     collecting_linears({t.fqn: t.owner for t in linear_targets}, hessian=True) as lin:
                 _run(layers[i], inputs)
             for t in linear_targets:
@@ -287,6 +288,7 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:
                 t.apply(group_size)
-        with dequantized_once():
-            inputs = _run(layers[i], inputs)
+        if i + 1 < len(layers):                  # the next layer's inputs, through this layer quantized
+            with dequantized_once():
+                inputs = _run(layers[i], inputs)
     return report

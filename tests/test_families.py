@@ -92,10 +92,10 @@ def test_refused_family_says_why(model_type):
         dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=G))
 
 
-def _calibrated(m, x, hessian=True):
+def _calibrated(m, x, hessian=True, outputs=True):
     """Logits of one forward while collecting, and the statistics (tensors of each layer)."""
     from dynamoq.calibration import collecting
-    with collecting(m, hessian=hessian) as hooks, torch.no_grad():
+    with collecting(m, hessian=hessian, outputs=outputs) as hooks, torch.no_grad():
         logits = m(x).logits
     return logits, {layer: h.stats.tensors() for layer, h in hooks.items()}, hooks
 
@@ -127,6 +127,18 @@ def test_calibration_computes_the_experts_once_and_changes_nothing(model_type):
     for layer, t in stats.items():
         for k, v in t.items():
             assert torch.allclose(v, stats2[layer][k], rtol=1e-5, atol=1e-6 * float(v.abs().max())), (layer, k)
+    # outputs=False (GPTQ discards the collecting pass's output): the experts return zeros and skip their
+    # down projections; the first MoE layer's sums are the same
+    for b in dynamoq.moe_blocks(m):
+        del b.experts.forward
+    seen = []
+    handle = dynamoq.moe_blocks(m)[0].experts.register_forward_hook(lambda mod, a, out: seen.append(out))
+    _, stats3, _ = _calibrated(m, x, outputs=False)
+    handle.remove()
+    assert seen and all(not o.any() for o in seen)
+    first = min(stats)
+    for k, v in stats[first].items():
+        assert torch.allclose(v, stats3[first][k], rtol=1e-5, atol=1e-6 * float(v.abs().max())), k
 
 
 def test_calibration_keeps_a_forward_it_cannot_reproduce(monkeypatch):
