@@ -259,3 +259,19 @@ def test_kept_columns_feed_no_error_forward_and_come_back_updated():
     assert not torch.equal(gptq(w, h, 3, 32)[0][:, col + 1:], gptq(w2, h, 3, 32)[0][:, col + 1:])
     # updated: the first column as given; later ones moved by the errors fed to them
     assert torch.equal(a[4][:, 0], w[:, 0]) and not torch.allclose(a[4][:, col], w[:, col])
+
+
+def test_a_hessian_float32_cannot_factor_is_factored_in_float64():
+    """Eight eigenvalues of 10^-7.5 (against 1): float32's Cholesky fails, float64's does not, and no damping is
+    added (with damp=0 escalating it could not help: the factor would be refused)."""
+    from dynamoq.gptq import _inverse_factor
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    e = torch.ones(64, dtype=torch.float64)
+    e[:8] = 10 ** -7.5
+    h = ((q * e) @ q.t()).float()
+    h = (h + h.t()) / 2
+    assert int(torch.linalg.cholesky_ex(h.flip(-2, -1))[1]) != 0          # float32 alone fails
+    u, used = _inverse_factor(h[None], 0.0, 3)
+    assert used == [0.0] and torch.isfinite(u).all()
+    assert torch.equal(u[0], u[0].triu()) and (u[0].diagonal() > 0).all()
