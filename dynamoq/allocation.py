@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .packing import BITS, OVERHEAD_BITS_PER_GROUP, SCALE_DTYPE, QuantizationError, check_bits
+from .packing import BITS, OVERHEAD_BITS_PER_GROUP, QuantizationError, check_bits, rounding_error, rtn_grid
 
 FUZZY_BITS = (2, 4, 6, 8)          # low to high cluster centre
 
@@ -65,15 +65,13 @@ def output_error(w_nk: torch.Tensor, mean_x2: torch.Tensor, group_size: int, bit
     w = w_nk.float()
     energy = (w.pow(2).sum(-2) * m).sum(-1)
     g = w.unflatten(-1, (-1, group_size))                                          # [E, N, G, g]
-    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)                    # [E, N, G]: quantize_rtn's range
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)                    # [E, N, G]
     errs = []
     for b in bits:
         qmax = (1 << check_bits(b)) - 1
-        s = ((hi - lo) / qmax).clamp(min=1e-6).to(SCALE_DTYPE).float()
-        z = (-lo / s).round().clamp(0, qmax)
-        r = g / s[..., None]
-        # (code - zero) - r, the code clamped to the grid, times the scale: each weight's rounding error
-        d = r.round().clamp_(min=-z[..., None], max=(qmax - z)[..., None]).sub_(r).square_().mul_(s.square()[..., None])
+        scale, zero = rtn_grid(lo, hi, qmax)                                         # quantize_rtn's grid
+        s = scale.float()
+        d = rounding_error(g, s, zero, qmax).square_().mul_(s.square()[..., None])  # [E, N, G, g]
         errs.append((d.sum(1).flatten(-2) * m).sum(-1))
     return torch.stack(errs, -1), energy
 

@@ -181,11 +181,11 @@ class _BlockHook:
             cut = [a[:n] if isinstance(a, torch.Tensor) else a for a in args]
             ref = forward(*cut, **{k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
             tol = 1e-4 if hidden.dtype == torch.float32 else 3e-2
-            ref, mine = ref.float(), out[:n].float()
-            self.replaced = bool(ref.isfinite().all()) and bool(torch.allclose(
-                mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6))
+            ref, finite = ref.float(), bool(ref.isfinite().all())
+            self.replaced = finite and bool(torch.allclose(out[:n].float(), ref, rtol=tol,
+                                                           atol=tol * float(ref.abs().max()) + 1e-6))
             if not self.replaced:
-                if ref.isfinite().all():
+                if finite:
                     warnings.warn(f"calibration could not reproduce {type(module).__name__}'s forward; it keeps "
                                   "its own forward and the statistics cost a second pass over the experts", stacklevel=2)
                 return forward(*args, **kwargs)

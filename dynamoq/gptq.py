@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import adapters
 from .calibration import collecting, collecting_linears, input_device
-from .packing import QuantizationError
+from .packing import QuantizationError, rounding_error
 from .tensors import dequantized_once
 
 MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
@@ -37,9 +37,7 @@ def _group_grid(w: torch.Tensor, qmax: torch.Tensor, weight: torch.Tensor):
     for f in SHRINK.tolist():
         s = ((hi - lo) * f / qmax).clamp(min=1e-6).half().float()
         z = torch.minimum((-lo * f / s).round().clamp(min=0), qmax)
-        r = w / s[..., None]                                                            # [B, N, g]
-        # the code minus the zero, clamp(round(r), -z, qmax - z), against r: the error in units of s
-        d = r.round().clamp_(min=-z[..., None], max=(qmax - z)[..., None]).sub_(r)
+        d = rounding_error(w, s, z, qmax)                                                # [B, N, g]
         err = (d.square_() @ weight[:, :, None]).squeeze(-1) * s.square()                # [B, N]
         if best is None:
             best, scale, zero = err, s, z

@@ -112,12 +112,23 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     check_group(w.shape[-1], group_size)
     qmax = (1 << check_bits(bits)) - 1
     g = w.float().unflatten(-1, (-1, group_size))                       # [..., N, K/g, g]
-    lo = g.amin(-1).clamp(max=0)
-    hi = g.amax(-1).clamp(min=0)                                        # the range always holds 0
-    scale = ((hi - lo) / qmax).clamp(min=1e-6).to(SCALE_DTYPE)
-    zero = (-lo / scale.float()).round().clamp(0, qmax).to(torch.uint8)
+    scale, zero = rtn_grid(g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0), qmax)
+    zero = zero.to(torch.uint8)
     codes = quantize_with(w, scale, zero, bits)
     return codes, scale, zero
+
+
+def rtn_grid(lo: torch.Tensor, hi: torch.Tensor, qmax):
+    """Round-to-nearest grid of groups whose range [lo, hi] holds 0 -> scale (SCALE_DTYPE), zero (float)."""
+    scale = ((hi - lo) / qmax).clamp(min=1e-6).to(SCALE_DTYPE)
+    return scale, (-lo / scale.float()).round().clamp(0, qmax)
+
+
+def rounding_error(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax) -> torch.Tensor:
+    """Each weight's rounding error in units of its scale, code - zero - g / scale, for groups g [..., g] on
+    the grid scale, zero [...] (float; qmax an int or broadcasting with them) -> [..., g]."""
+    r = g / scale[..., None]
+    return r.round().clamp_(min=-zero[..., None], max=(qmax - zero)[..., None]).sub_(r)
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
