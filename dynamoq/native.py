@@ -3,9 +3,13 @@
 Inductor's loops (kernels.decode_linear) turn each code into a float and multiply in fp32: about 0.35
 instructions per weight, so one core reads codes far slower than memory allows. Here codes stay bytes:
 x is quantized per group to int8 (scale = max |x| / 127, as llama.cpp's Q8 activations), and vpdpbusd
-multiplies 64 unsigned codes by 64 signed inputs per instruction; code bytes are prefetched ahead. The
-pairs are grouped by expert and a tile of rows meets up to 4 pairs of its expert, so one kernel serves
-decode (1 pair per expert) and prefill (many): kernels.expert_linear uses it for every number of pairs.
+multiplies 64 unsigned codes by 64 signed inputs per instruction; code bytes are prefetched ahead. Where
+the CPU has GFNI, one GF2P8AFFINEQB takes a part (2-bit, 1-bit codes ...) out of the code bytes, instead of
+a shift and a mask (DYNAMOQ_GFNI=0 builds without it). The pairs are grouped by expert and a tile of rows
+meets up to 4 pairs of its expert, so one kernel serves decode and prefill (many pairs): kernels.expert_linear
+uses it for every number of pairs. An expert with a single pair (every expert at decode of one token) has a
+loop of its own: the pair's x scales folded into the row factors, and where a group spans whole 64-byte
+blocks, one broadcast factor per group.
 
 Prefill, on CPUs with AMX-INT8 (amx()): an expert with at least 4 pairs (amx_min_pairs) has its rows
 unpacked once into one byte per code, and AMX's tile product multiplies 16 rows by 16 pairs, 64 inputs at
@@ -51,6 +55,7 @@ FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx5
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 AMX_FLAGS = ["-mamx-tile", "-mamx-int8", "-DDYNAMOQ_AMX"]
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8")
+GFNI_FLAGS = ["-mgfni", "-DDYNAMOQ_GFNI"]        # one instruction per part of a code byte instead of two
 
 
 def _cpu_ok(needed=CPU_FLAGS) -> bool:
@@ -85,10 +90,12 @@ def _build(flags: list[str]) -> Path:
 
 @functools.cache
 def _lib():
+    gfni = _cpu_ok(("gfni",)) and os.environ.get("DYNAMOQ_GFNI", "1") != "0"
+    flags = FLAGS + (GFNI_FLAGS if gfni else [])
     try:                                     # with the AMX path where the compiler knows AMX, else without
-        lib = ctypes.CDLL(str(_build(FLAGS + AMX_FLAGS)))
+        lib = ctypes.CDLL(str(_build(flags + AMX_FLAGS)))
     except RuntimeError:
-        lib = ctypes.CDLL(str(_build(FLAGS)))
+        lib = ctypes.CDLL(str(_build(flags)))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dynamoq_decode.argtypes = [i64, i64, i64, i64, i64, p, i32, p, p, p, p, p, p, i32, p, p, p, i32]
     lib.dynamoq_decode.restype = i32

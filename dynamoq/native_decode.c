@@ -25,10 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Code bytes are prefetched about this far ahead, in whole rows: with the hardware prefetcher alone one
-// core read 5.5 GB/s from memory, against 14 from cache (OLMoE experts of 512-1024 bytes a row, 8 pairs:
-// 8 rows ahead beat 4 and 16).
-#define PREFETCH_BYTES 6144
+// Code bytes are prefetched this far ahead (rounded up to whole rows): with the hardware prefetcher alone one
+// core read 5.5 GB/s from memory, against 14 from cache. Into L2 (T1) rather than L1 (T0): far more lines can
+// be in flight, and a decode of 8 experts from memory (cold caches) ran 1.5-1.8x faster; 16 KB ahead beat 6 KB.
+// (Prefetching each expert's first rows, or each block's scales, as well gained nothing measurable.)
+#define PREFETCH_BYTES 16384
 #define ROW_BLOCK 32
 #define MAX_P 4
 
@@ -49,58 +50,82 @@ typedef struct {
     const int8_t *x8;               // [S, K] x in int8
 } job_t;
 
+// Part q of the code bytes v of a plane of width W (the codes at bits W q .. W q + W - 1, as bytes). With GFNI
+// one instruction: GF2P8AFFINEQB sets bit i of each byte to the parity of (byte 7 - i of the matrix) AND the
+// byte, so a matrix whose byte 7 - i is bit W q + i copies those bits down and clears the rest.
+static inline __attribute__((always_inline)) __m512i code_part(__m512i v, const int W, const int q, __m512i lo) {
+    if (W == 8) return v;
+    if (q == 0) return _mm512_and_si512(v, lo);
+#ifdef DYNAMOQ_GFNI
+    uint64_t a = 0;
+    for (int i = 0; i < W; i++) a |= (uint64_t)1 << (W * q + i) << (8 * (7 - i));
+    (void)lo;
+    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64((long long)a), 0);
+#else
+    return _mm512_and_si512(_mm512_srli_epi16(v, W * q), lo);
+#endif
+}
+
 // One plane of width W for a tile of R rows (code bytes at codes[r], per-group factors f[r]: scale *
-// 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): out[r][p] += the plane's share.
+// 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): acc[r][p] += the plane's share (16 float lanes).
+// whole: the plane's groups are whole 64-byte blocks (gs * W / 8 a multiple of 64), so the int32 lanes of a
+// group meet its one factor (broadcast) once per group; else once per block, each lane its group's.
 static inline __attribute__((always_inline)) void tile(const job_t *j, const int W, const int R, const int P,
-                                                       const uint8_t *const *codes, int64_t row_bytes,
+                                                       const int whole, const uint8_t *const *codes, int64_t ahead,
                                                        const int8_t *const *xq, const float *const *xs,
-                                                       const float *const *f, float out[4][MAX_P]) {
-    const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8;
-    const int64_t ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
+                                                       const float *const *f, __m512 acc[4][MAX_P]) {
+    const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8, per = whole ? bpg / 64 : 1;
     const int c = 8 / W;
     const int32_t *lane_group = j->lane_group[W];
     const __m512i lo = _mm512_set1_epi8((char)((1 << W) - 1));
-    __m512 acc[4][MAX_P];
+    __m512i ai[4][MAX_P];
     for (int r = 0; r < R; r++)
-        for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();
+        for (int p = 0; p < P; p++) ai[r][p] = _mm512_setzero_si512();
+    int64_t left = per, g = 0;
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
-        __m512i v[4], ai[4][MAX_P];
+        __m512i v[4];
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T0);
+            _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
             v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
-            for (int p = 0; p < P; p++) ai[r][p] = _mm512_setzero_si512();
         }
         for (int q = 0; q < c; q++) {
             __m512i xv[MAX_P];
             for (int p = 0; p < P; p++) xv[p] = _mm512_maskz_loadu_epi8(m, xq[p] + q * nbytes + B);
             for (int r = 0; r < R; r++) {
-                const __m512i part = W == 8 ? v[r] : _mm512_and_si512(_mm512_srli_epi16(v[r], W * q), lo);
+                const __m512i part = code_part(v[r], W, q, lo);
                 for (int p = 0; p < P; p++) ai[r][p] = _mm512_dpbusd_epi32(ai[r][p], part, xv[p]);
             }
         }
-        // the float factor of each int32 lane: its group's (lane_group: minus the block's first group)
-        const __m512i idx = _mm512_loadu_si512((const void *)(lane_group + B / 4));
-        const int64_t g0 = B / bpg;
-        __m512 fx[MAX_P];
-        for (int p = 0; p < P; p++) fx[p] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs[p] + g0));
-        for (int r = 0; r < R; r++) {
-            const __m512 fr = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(f[r] + g0));
-            for (int p = 0; p < P; p++)
-                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][p]), _mm512_mul_ps(fr, fx[p]), acc[r][p]);
+        __m512 fx[MAX_P], fr[4];
+        if (whole) {
+            if (--left) continue;
+            left = per;
+            for (int p = 0; p < P; p++) fx[p] = _mm512_set1_ps(xs[p][g]);
+            for (int r = 0; r < R; r++) fr[r] = _mm512_set1_ps(f[r][g]);
+            g++;
+        } else {        // lane_group: the group of each int32 lane minus the block's first group
+            const __m512i idx = _mm512_loadu_si512((const void *)(lane_group + B / 4));
+            const int64_t g0 = B / bpg;
+            for (int p = 0; p < P; p++) fx[p] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs[p] + g0));
+            for (int r = 0; r < R; r++) fr[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(f[r] + g0));
         }
+        for (int r = 0; r < R; r++)
+            for (int p = 0; p < P; p++) {
+                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][p]), _mm512_mul_ps(fr[r], fx[p]), acc[r][p]);
+                ai[r][p] = _mm512_setzero_si512();
+            }
     }
-    for (int r = 0; r < R; r++)
-        for (int p = 0; p < P; p++) out[r][p] += _mm512_reduce_add_ps(acc[r][p]);
 }
 
-#define TILE_W(Rv, Pv)                                                                                    \
+#define TILE_WW(Rv, Pv, whole)                                                                            \
     switch (w) {                                                                                          \
-        case 8: tile(j, 8, Rv, Pv, codes, row_bytes, xq, xs, f, out); break;                              \
-        case 4: tile(j, 4, Rv, Pv, codes, row_bytes, xq, xs, f, out); break;                              \
-        case 2: tile(j, 2, Rv, Pv, codes, row_bytes, xq, xs, f, out); break;                              \
-        default: tile(j, 1, Rv, Pv, codes, row_bytes, xq, xs, f, out); break;                             \
+        case 8: tile(j, 8, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                           \
+        case 4: tile(j, 4, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                           \
+        case 2: tile(j, 2, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                           \
+        default: tile(j, 1, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                          \
     }
+#define TILE_W(Rv, Pv) if (whole) { TILE_WW(Rv, Pv, 1) } else { TILE_WW(Rv, Pv, 0) }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -129,22 +154,52 @@ static void block_factors(const job_t *j, int64_t e, int b, int64_t nb, int64_t 
     }
 }
 
-// The zero-point term of one row (sz: its scale * zero per group) for one pair: - sum_g sz * xsum.
-static inline float zero_term(const job_t *j, const float *sz, int64_t pair) {
+// The zero-point term of one row (sz: its scale * zero per group) for one pair, - sum_g sz * xsum, in 16
+// lanes (summed with the rest of the row's accumulator).
+static inline __m512 zero_lanes(const job_t *j, const float *sz, int64_t pair) {
     const int64_t G = j->G;
     const float *xsum = j->xsum + pair * G;
     __m512 zt = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += 16) {
         const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-        zt = _mm512_fmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(m, xsum + g), zt);
+        zt = _mm512_fnmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(m, xsum + g), zt);
     }
-    return -_mm512_reduce_add_ps(zt);
+    return zt;
+}
+
+// The sums of the 16 lanes of a, b, c, d.
+static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));   // [a b c d] per 128 bits
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// y[pair, n + r] = the sum of acc[r][p]'s lanes, for R rows and P pairs (pairs[p]).
+static inline void store_rows(const job_t *j, const int R, const int P, const int64_t *pairs, int64_t n,
+                              __m512 acc[4][MAX_P]) {
+    for (int p = 0; p < P; p++) {
+        float *y = j->y + pairs[p] * j->N + n;
+        if (R == 4) {
+            _mm_storeu_ps(y, reduce4(acc[0][p], acc[1][p], acc[2][p], acc[3][p]));
+        } else if (R == 2 && p + 1 < P) {
+            const __m128 t = reduce4(acc[0][p], acc[1][p], acc[0][p + 1], acc[1][p + 1]);
+            _mm_storel_pi((__m64 *)y, t);
+            _mm_storeh_pi((__m64 *)(j->y + pairs[p + 1] * j->N + n), t);
+            p++;
+        } else {
+            for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(acc[r][p]);
+        }
+    }
 }
 
 // Rows [n0, n1) of expert e (codes: its q{b} rows) times its pairs `pairs` [np], reading the packed planes.
 static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, const int64_t *pairs,
                         int64_t np, int64_t n0, int64_t n1, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
+    const int64_t ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
         block_factors(j, e, b, nb, ne, buf);
@@ -152,14 +207,14 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
             const int P = (int)min64(MAX_P, np - p0), RMAX = P <= 2 ? 4 : 2;
             for (int64_t n = nb; n < ne;) {
                 const int R = n + RMAX <= ne ? RMAX : 1;
-                float out[4][MAX_P];
+                __m512 acc[4][MAX_P];
                 const uint8_t *codes[4];
                 const float *f[4], *xs[MAX_P];
                 const int8_t *xq[MAX_P];
                 for (int r = 0; r < R; r++) {
                     codes[r] = codes_e + (n + r) * row_bytes;
                     for (int p = 0; p < P; p++)
-                        out[r][p] = zero_term(j, buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16), pairs[p0 + p]);
+                        acc[r][p] = zero_lanes(j, buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16), pairs[p0 + p]);
                 }
                 for (int p = 0; p < P; p++) xs[p] = j->xs + pairs[p0 + p] * (G + 16);
                 for (int i = 0; i < 2; i++) {
@@ -167,6 +222,7 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     if (!w) break;
                     for (int r = 0; r < R; r++) f[r] = buf + (n + r - nb) * 4 * (G16 + 16) + (2 + i) * (G16 + 16);
                     for (int p = 0; p < P; p++) xq[p] = j->xq[w] + pairs[p0 + p] * K;   // K bytes per pair
+                    const int whole = j->gs * w / 8 % 64 == 0;
                     if (R == 4 && P == 1) { TILE_W(4, 1) }
                     else if (R == 4) { TILE_W(4, 2) }
                     else if (R == 2 && P == 3) { TILE_W(2, 3) }
@@ -177,10 +233,126 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     else { TILE_W(1, 4) }
                     for (int r = 0; r < R; r++) codes[r] += K * w / 8;
                 }
-                for (int r = 0; r < R; r++)
-                    for (int p = 0; p < P; p++) j->y[pairs[p0 + p] * j->N + n + r] = out[r][p];
+                store_rows(j, R, P, pairs + p0, n, acc);
                 n += R;
             }
+        }
+    }
+}
+
+// ---- one pair (decode) ---------------------------------------------------------------------------------
+// An expert with a single pair: its x scales are folded into the rows' factors, both planes add into one
+// float accumulator per row that starts at the zero-point term (as a vector), and 4 rows are reduced at once.
+// Where a plane's groups are whole 64-byte blocks (bpg a multiple of 64), the int32 lanes of a group meet its
+// one factor once per group, broadcast; else once per block, permuted to the groups of its lanes as in tile().
+
+// Per row n of [nb, ne), in buf [ROW_BLOCK][ONE_ROW]: per plane i the factors scale * 2**offset * xs [G16 + 16],
+// then the zero-point term's 16 lanes, - sum over g = lane mod 16 of scale * zero * xsum.
+#define ONE_ROW(G16) (3 * ((G16) + 16))
+static void one_factors(const job_t *j, int64_t e, int b, int64_t pair, int64_t nb, int64_t ne, float *buf) {
+    const int64_t G = j->G, G16 = (G + 15) / 16 * 16;
+    const float *xs = j->xs + pair * (G + 16), *xsum = j->xsum + pair * G;
+    float pow2[2] = {0, 0};
+    int planes = 0;
+    for (; planes < 2 && j->planes[(b * 2 + planes) * 2 + 1]; planes++) pow2[planes] = (float)(1 << j->planes[(b * 2 + planes) * 2]);
+    for (int64_t n = nb; n < ne; n++) {
+        float *f = buf + (n - nb) * ONE_ROW(G16);
+        const uint16_t *sc = j->scale + (e * j->N + n) * G;
+        const uint8_t *z = j->zero + (e * j->N + n) * G;
+        __m512 zt = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g += 16) {
+            const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+            const __m512 s16 = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, sc + g));
+            const __m512 z16 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));
+            zt = _mm512_fnmadd_ps(_mm512_mul_ps(s16, z16), _mm512_maskz_loadu_ps(m, xsum + g), zt);
+            const __m512 sx = _mm512_mul_ps(s16, _mm512_maskz_loadu_ps(m, xs + g));
+            for (int i = 0; i < planes; i++) _mm512_storeu_ps(f + i * (G16 + 16) + g, _mm512_mul_ps(sx, _mm512_set1_ps(pow2[i])));
+        }
+        _mm512_storeu_ps(f + 2 * (G16 + 16), zt);
+    }
+}
+
+// One plane of width W, R rows (codes[r], factors f[r]) times the pair's x bytes xq: acc[r] += its share.
+static inline __attribute__((always_inline)) void tile_one(const job_t *j, const int W, const int R, const int whole,
+                                                           const uint8_t *const *codes, int64_t ahead,
+                                                           const int8_t *xq, const float *const *f, __m512 acc[4]) {
+    const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8, per = whole ? bpg / 64 : 1;
+    const int c = 8 / W;
+    const __m512i lo = _mm512_set1_epi8((char)((1 << W) - 1));
+    __m512i ai[4];
+    for (int r = 0; r < R; r++) ai[r] = _mm512_setzero_si512();
+    int64_t left = per, g = 0;
+    for (int64_t B = 0; B < nbytes; B += 64) {
+        const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
+        __m512i v[4];
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
+            v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
+        }
+        for (int q = 0; q < c; q++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + q * nbytes + B);
+            for (int r = 0; r < R; r++) ai[r] = _mm512_dpbusd_epi32(ai[r], code_part(v[r], W, q, lo), xv);
+        }
+        if (whole) {
+            if (--left) continue;
+            for (int r = 0; r < R; r++) {
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r]), _mm512_set1_ps(f[r][g]), acc[r]);
+                ai[r] = _mm512_setzero_si512();
+            }
+            left = per;
+            g++;
+        } else {
+            const __m512i idx = _mm512_loadu_si512((const void *)(j->lane_group[W] + B / 4));
+            for (int r = 0; r < R; r++) {
+                const __m512 fr = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(f[r] + B / bpg));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r]), fr, acc[r]);
+                ai[r] = _mm512_setzero_si512();
+            }
+        }
+    }
+}
+
+#define TILE_ONE(Rv, whole)                                                                                 \
+    switch (w) {                                                                                          \
+        case 8: tile_one(j, 8, Rv, whole, codes, ahead, xq, f, acc); break;                               \
+        case 4: tile_one(j, 4, Rv, whole, codes, ahead, xq, f, acc); break;                               \
+        case 2: tile_one(j, 2, Rv, whole, codes, ahead, xq, f, acc); break;                               \
+        default: tile_one(j, 1, Rv, whole, codes, ahead, xq, f, acc); break;                              \
+    }
+
+// Rows [n0, n1) of expert e (codes_e: its q{b} rows) times its one pair.
+static void expert_rows_one(const job_t *j, int64_t e, int b, const uint8_t *codes_e, int64_t pair,
+                            int64_t n0, int64_t n1, float *buf) {
+    const int64_t G16 = (j->G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
+    const int64_t ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
+    float *y = j->y + pair * j->N;
+    for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
+        const int64_t ne = min64(nb + ROW_BLOCK, n1);
+        one_factors(j, e, b, pair, nb, ne, buf);
+        for (int64_t n = nb; n < ne;) {
+            const int R = n + 4 <= ne ? 4 : 1;
+            const uint8_t *codes[4];
+            const float *f[4];
+            __m512 acc[4];
+            for (int r = 0; r < R; r++) {
+                codes[r] = codes_e + (n + r) * row_bytes;
+                acc[r] = _mm512_loadu_ps(buf + (n + r - nb) * ONE_ROW(G16) + 2 * (G16 + 16));
+            }
+            for (int i = 0; i < 2; i++) {
+                const int w = j->planes[(b * 2 + i) * 2 + 1];
+                if (!w) break;
+                const int8_t *xq = j->xq[w] + pair * K;
+                const int whole = j->gs * w / 8 % 64 == 0;
+                for (int r = 0; r < R; r++) f[r] = buf + (n + r - nb) * ONE_ROW(G16) + i * (G16 + 16);
+                if (R == 4 && whole) { TILE_ONE(4, 1) }
+                else if (R == 4) { TILE_ONE(4, 0) }
+                else if (whole) { TILE_ONE(1, 1) }
+                else { TILE_ONE(1, 0) }
+                for (int r = 0; r < R; r++) codes[r] += K * w / 8;
+            }
+            if (R == 4) _mm_storeu_ps(y + n, reduce4(acc[0], acc[1], acc[2], acc[3]));
+            else y[n] = _mm512_reduce_add_ps(acc[0]);
+            n += R;
         }
     }
 }
@@ -251,7 +423,7 @@ static void unpack_rows(const job_t *j, int b, const uint8_t *codes_e, int64_t n
     const int64_t K = j->K, row_bytes = K * b / 8, ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
     for (int64_t n = nb; n < ne; n++) {
         const uint8_t *row = codes_e + n * row_bytes;
-        for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch((const char *)row + ahead + o, _MM_HINT_T0);
+        for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch((const char *)row + ahead + o, _MM_HINT_T1);
         __m512i *out = (__m512i *)(ub + (n - nb) * K);
         switch (b) {                                    // packing.PLANES
             case 8: unpack_row(j, 8, 0, 0, row, out); break;
@@ -512,7 +684,8 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
                     continue;
                 }
 #endif
-                expert_rows(&j, e, b, codes_e, order + start[e], np, n0, n1, buf);
+                if (np == 1) expert_rows_one(&j, e, b, codes_e, order[start[e]], n0, n1, buf);
+                else expert_rows(&j, e, b, codes_e, order + start[e], np, n0, n1, buf);
             }
 #ifdef DYNAMOQ_AMX
             if (amx) amx_end();

@@ -30,15 +30,17 @@ def _dense(t, x, ids):
     (20, 192, 32, (2, 3, 4, 6, 8)),          # the smallest group with a 1-bit plane in whole int32 lanes
     (8, 384, 192, (4, 3)),                   # groups that straddle 64-byte blocks
 ])
-@pytest.mark.parametrize("pairs", [11, 70])                  # tiles of 1-4 pairs of one expert, row tails
+@pytest.mark.parametrize("pairs", [0, 11, 70])     # 0: one pair per expert (decode); tiles of 1-4 pairs, row tails
 @pytest.mark.parametrize("path", ["packed", "amx"])
 def test_exact_against_the_dequantized_weights_times_the_int8_x(n, k, g, bits, pairs, path):
-    """Both paths: the packed one (every expert), and AMX (every expert, where groups allow: multiples of 64)."""
+    """Both paths: the packed one (every expert; experts with one pair have their own loop), and AMX (every
+    expert, where groups allow: multiples of 64)."""
     if path == "amx" and not native.amx():
         pytest.skip("this CPU or kernel has no AMX-INT8 (the packed path is tested)")
     torch.manual_seed(0)
     t = DynaMoExperts.from_float(torch.randn(len(bits), n, k), bits, g)
-    x, ids = 3 * torch.randn(pairs, k), torch.randint(0, len(bits), (pairs,))
+    ids = torch.randint(0, len(bits), (pairs,)) if pairs else torch.randperm(len(bits))
+    x = 3 * torch.randn(len(ids), k)
     with native.amx_min_pairs(1 if path == "amx" else 2 ** 40):
         y = _run(t, x, ids)
     ref = _dense(t, native.rounded_x(x, g), ids)
@@ -119,6 +121,25 @@ def test_switched_off_or_without_a_compiler_it_is_unavailable_and_says_why(tmp_p
     assert not list(tmp_path.rglob("*.so"))                 # nothing half-built left behind
     no_amx = _probe({"DYNAMOQ_AMX": "0"})
     assert "AVAILABLE True AMX False" in no_amx.stdout, no_amx.stderr
+
+
+def test_without_gfni_the_shift_and_mask_build_gives_the_same_bits(tmp_path):
+    """DYNAMOQ_GFNI=0 builds the kernel without GFNI (CPUs without it: a shift and a mask per part of a code
+    byte): bit-equal results, decode (one pair per expert) and tiles of several pairs."""
+    code = ("import torch; from safetensors.torch import save_file; from dynamoq import DynaMoExperts, native; "
+            "torch.manual_seed(0); t = DynaMoExperts.from_float(torch.randn(5, 24, 384), (2, 3, 4, 6, 8), 64); "
+            "x = torch.randn(13, 384); ids = torch.cat([torch.arange(5), torch.tensor([0, 0, 1, 1, 1, 3, 3, 3])]); "
+            "y = native.native_decode(x, ids, [getattr(t, f'q{b}') for b in (2, 3, 4, 6, 8)], list(t.expert_bits), "
+            "t.scale, t.zero, 64); save_file({'y': y}, __import__('sys').argv[1])")
+    from safetensors.torch import load_file
+    ys = []
+    for flag in ("1", "0"):
+        out = tmp_path / f"y{flag}.safetensors"
+        r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                           env={**os.environ, "DYNAMOQ_GFNI": flag})
+        assert r.returncode == 0, r.stderr[-2000:]
+        ys.append(load_file(out)["y"])
+    assert torch.equal(ys[0], ys[1]) and ys[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("group_size", [32, 64])                  # 64: the prompt's experts take AMX, if any
