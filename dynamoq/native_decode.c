@@ -48,6 +48,12 @@ typedef struct {
     const int32_t *w_perm[9];       // [w] -> [8 / w][16]
     const int32_t *w_shift[9];      // [w] -> [8 / w][16]
     const int8_t *x8;               // [S, K] x in int8
+    // merging a second plane into the first (one-pair loop): which int32 of 32 bytes of the second plane each
+    // int32 of 64 bytes of the first meets (chunk c of the first <- chunk c / 2 of the second), and the shift
+    // of odd chunks by 4 bits (the second half of the parts); lanes (L) >= 4 only
+    int32_t pair_idx[16];
+    __mmask32 odd;                  // the 16-bit lanes of odd chunks
+    int merge;
 } job_t;
 
 // Part q of the code bytes v of a plane of width W (the codes at bits W q .. W q + W - 1, as bytes). With GFNI
@@ -66,12 +72,34 @@ static inline __attribute__((always_inline)) __m512i code_part(__m512i v, const 
 #endif
 }
 
+// Merging a row's second plane (width W2 = W / 2, at bit W of the code, right after the first: 3 = 2 + 1,
+// 6 = 4 + 2) into each part of the first before the product, so that a 3- or 6-bit code costs one vpdpbusd,
+// not two: the first plane's chunk c of L bytes holds the inputs of chunk c / 2 of the second, at its parts
+// p + (c odd) 8 / W. So 32 bytes of the second plane (at second + B / 2 for the first's block B), chunk-doubled
+// and shifted by 4 bits in odd chunks, hold part p's high bits at bits W2 p of each byte.
+static inline __attribute__((always_inline)) __m512i second_plane(const job_t *j, const uint8_t *second, int64_t B,
+                                                                  int64_t nbytes) {
+    const int64_t rest = (nbytes - B) / 2;
+    const __m256i h = _mm256_maskz_loadu_epi8(rest >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << rest) - 1), second + B / 2);
+    const __m512i d = _mm512_permutexvar_epi32(_mm512_loadu_si512((const void *)j->pair_idx), _mm512_castsi256_si512(h));
+    return _mm512_mask_srli_epi16(d, j->odd, d, 4);
+}
+
+// part | the high bits of part q from u (second_plane), moved to bit W (ternary logic A | (B & C) = 0xF8).
+static inline __attribute__((always_inline)) __m512i with_second(__m512i part, __m512i u, const int W, const int W2,
+                                                                 const int q) {
+    const int net = W - W2 * q;
+    const __m512i hi = net >= 0 ? _mm512_slli_epi16(u, net) : _mm512_srli_epi16(u, -net);
+    return _mm512_ternarylogic_epi32(part, hi, _mm512_set1_epi8((char)(((1 << W2) - 1) << W)), 0xF8);
+}
+
 // One plane of width W for a tile of R rows (code bytes at codes[r], per-group factors f[r]: scale *
 // 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): acc[r][p] += the plane's share (16 float lanes).
 // whole: the plane's groups are whole 64-byte blocks (gs * W / 8 a multiple of 64), so the int32 lanes of a
 // group meet its one factor (broadcast) once per group; else once per block, each lane its group's.
-static inline __attribute__((always_inline)) void tile(const job_t *j, const int W, const int R, const int P,
-                                                       const int whole, const uint8_t *const *codes, int64_t ahead,
+static inline __attribute__((always_inline)) void tile(const job_t *j, const int W, const int W2, const int R,
+                                                       const int P, const int whole, const uint8_t *const *codes,
+                                                       int64_t ahead,
                                                        const int8_t *const *xq, const float *const *xs,
                                                        const float *const *f, __m512 acc[4][MAX_P]) {
     const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8, per = whole ? bpg / 64 : 1;
@@ -84,16 +112,20 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
     int64_t left = per, g = 0;
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
-        __m512i v[4];
+        __m512i v[4], u[4];
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
             v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
+            if (W2) {
+                if (B % 128 == 0) _mm_prefetch((const char *)codes[r] + nbytes + B / 2 + ahead, _MM_HINT_T1);
+                u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
+            }
         }
         for (int q = 0; q < c; q++) {
             __m512i xv[MAX_P];
             for (int p = 0; p < P; p++) xv[p] = _mm512_maskz_loadu_epi8(m, xq[p] + q * nbytes + B);
             for (int r = 0; r < R; r++) {
-                const __m512i part = code_part(v[r], W, q, lo);
+                const __m512i part = W2 ? with_second(code_part(v[r], W, q, lo), u[r], W, W2, q) : code_part(v[r], W, q, lo);
                 for (int p = 0; p < P; p++) ai[r][p] = _mm512_dpbusd_epi32(ai[r][p], part, xv[p]);
             }
         }
@@ -119,11 +151,13 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
 }
 
 #define TILE_WW(Rv, Pv, whole)                                                                            \
-    switch (w) {                                                                                          \
-        case 8: tile(j, 8, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                           \
-        case 4: tile(j, 4, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                           \
-        case 2: tile(j, 2, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                           \
-        default: tile(j, 1, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                          \
+    switch (w * 10 + w2) {                                                                                \
+        case 80: tile(j, 8, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
+        case 40: tile(j, 4, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
+        case 42: tile(j, 4, 2, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
+        case 20: tile(j, 2, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
+        case 21: tile(j, 2, 1, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
+        default: tile(j, 1, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
     }
 #define TILE_W(Rv, Pv) if (whole) { TILE_WW(Rv, Pv, 1) } else { TILE_WW(Rv, Pv, 0) }
 
@@ -220,6 +254,7 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                 for (int i = 0; i < 2; i++) {
                     const int w = j->planes[(b * 2 + i) * 2 + 1];
                     if (!w) break;
+                    const int w2 = i == 0 && j->merge ? j->planes[(b * 2 + 1) * 2 + 1] : 0;   // second_plane
                     for (int r = 0; r < R; r++) f[r] = buf + (n + r - nb) * 4 * (G16 + 16) + (2 + i) * (G16 + 16);
                     for (int p = 0; p < P; p++) xq[p] = j->xq[w] + pairs[p0 + p] * K;   // K bytes per pair
                     const int whole = j->gs * w / 8 % 64 == 0;
@@ -231,6 +266,7 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     else if (P == 2) { TILE_W(1, 2) }
                     else if (P == 3) { TILE_W(1, 3) }
                     else { TILE_W(1, 4) }
+                    if (w2) break;
                     for (int r = 0; r < R; r++) codes[r] += K * w / 8;
                 }
                 store_rows(j, R, P, pairs + p0, n, acc);
@@ -273,9 +309,11 @@ static void one_factors(const job_t *j, int64_t e, int b, int64_t pair, int64_t 
 }
 
 // One plane of width W, R rows (codes[r], factors f[r]) times the pair's x bytes xq: acc[r] += its share.
-static inline __attribute__((always_inline)) void tile_one(const job_t *j, const int W, const int R, const int whole,
-                                                           const uint8_t *const *codes, int64_t ahead,
-                                                           const int8_t *xq, const float *const *f, __m512 acc[4]) {
+// W2 > 0: the row's second plane of width W2 is merged in (second_plane).
+static inline __attribute__((always_inline)) void tile_one(const job_t *j, const int W, const int W2, const int R,
+                                                           const int whole, const uint8_t *const *codes,
+                                                           int64_t ahead, const int8_t *xq, const float *const *f,
+                                                           __m512 acc[4]) {
     const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8, per = whole ? bpg / 64 : 1;
     const int c = 8 / W;
     const __m512i lo = _mm512_set1_epi8((char)((1 << W) - 1));
@@ -284,14 +322,21 @@ static inline __attribute__((always_inline)) void tile_one(const job_t *j, const
     int64_t left = per, g = 0;
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
-        __m512i v[4];
+        __m512i v[4], u[4];
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
             v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
+            if (W2) {
+                if (B % 128 == 0) _mm_prefetch((const char *)codes[r] + nbytes + B / 2 + ahead, _MM_HINT_T1);
+                u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
+            }
         }
         for (int q = 0; q < c; q++) {
             const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + q * nbytes + B);
-            for (int r = 0; r < R; r++) ai[r] = _mm512_dpbusd_epi32(ai[r], code_part(v[r], W, q, lo), xv);
+            for (int r = 0; r < R; r++) {
+                const __m512i part = code_part(v[r], W, q, lo);
+                ai[r] = _mm512_dpbusd_epi32(ai[r], W2 ? with_second(part, u[r], W, W2, q) : part, xv);
+            }
         }
         if (whole) {
             if (--left) continue;
@@ -313,11 +358,13 @@ static inline __attribute__((always_inline)) void tile_one(const job_t *j, const
 }
 
 #define TILE_ONE(Rv, whole)                                                                                 \
-    switch (w) {                                                                                          \
-        case 8: tile_one(j, 8, Rv, whole, codes, ahead, xq, f, acc); break;                               \
-        case 4: tile_one(j, 4, Rv, whole, codes, ahead, xq, f, acc); break;                               \
-        case 2: tile_one(j, 2, Rv, whole, codes, ahead, xq, f, acc); break;                               \
-        default: tile_one(j, 1, Rv, whole, codes, ahead, xq, f, acc); break;                              \
+    switch (w * 10 + w2) {                                                                                \
+        case 80: tile_one(j, 8, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
+        case 40: tile_one(j, 4, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
+        case 42: tile_one(j, 4, 2, Rv, whole, codes, ahead, xq, f, acc); break;                           \
+        case 20: tile_one(j, 2, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
+        case 21: tile_one(j, 2, 1, Rv, whole, codes, ahead, xq, f, acc); break;                           \
+        default: tile_one(j, 1, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
     }
 
 // Rows [n0, n1) of expert e (codes_e: its q{b} rows) times its one pair.
@@ -341,6 +388,7 @@ static void expert_rows_one(const job_t *j, int64_t e, int b, const uint8_t *cod
             for (int i = 0; i < 2; i++) {
                 const int w = j->planes[(b * 2 + i) * 2 + 1];
                 if (!w) break;
+                const int w2 = i == 0 && j->merge ? j->planes[(b * 2 + 1) * 2 + 1] : 0;   // second_plane
                 const int8_t *xq = j->xq[w] + pair * K;
                 const int whole = j->gs * w / 8 % 64 == 0;
                 for (int r = 0; r < R; r++) f[r] = buf + (n + r - nb) * ONE_ROW(G16) + i * (G16 + 16);
@@ -348,6 +396,7 @@ static void expert_rows_one(const job_t *j, int64_t e, int b, const uint8_t *cod
                 else if (R == 4) { TILE_ONE(4, 0) }
                 else if (whole) { TILE_ONE(1, 1) }
                 else { TILE_ONE(1, 0) }
+                if (w2) break;
                 for (int r = 0; r < R; r++) codes[r] += K * w / 8;
             }
             if (R == 4) _mm_storeu_ps(y + n, reduce4(acc[0], acc[1], acc[2], acc[3]));
@@ -644,6 +693,12 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
     j.xs = xs;
     j.xsum = xsum;
     j.x8 = x8;
+    j.merge = lanes >= 4;
+    for (int i = 0; j.merge && i < 16; i++) {
+        const int c = 4 * i / lanes;                     // the chunk of the first plane's int32 i
+        j.pair_idx[i] = (c / 2 * lanes + 4 * i % lanes) / 4;
+    }
+    for (int i = 0; j.merge && i < 32; i++) j.odd |= (__mmask32)((2 * i / lanes) % 2) << i;
     quantize_x(&j, x, x_bf16, lanes, x8, xs, xsum, xq);
     for (int w = 0; w < 9; w++) {
         j.xq[w] = xq[w];

@@ -16,6 +16,7 @@ layers, random weights).
     python recipes/bench_kernels.py --device cuda --name kernels_gpu   # one command on a GPU (Triton via Inductor)
     python recipes/bench_kernels.py --shapes --name kernels_e2e        # end to end only
     python recipes/bench_kernels.py --tokens 128 --no-e2e --merge      # re-measure one size, keep the other rows
+    python recipes/bench_kernels.py --variants bf16 dynamoq --no-e2e --merge   # all but torchao (slow to compile)
 
 Leave OMP_WAIT_POLICY unset: with PASSIVE, every parallel region wakes sleeping threads, and the
 many small kernels of a decode step at 2 threads ran 6.6x slower (24.1 -> 3.66 tokens/s end to end).
@@ -433,6 +434,21 @@ def table(rows, e2e_rows, notes) -> str:
     return "\n".join(lines)
 
 
+def read_bandwidth(threads: int) -> float:
+    """GB/s that `threads` cores read from memory here now (median sum of 1 GiB of float32): bf16 decode
+    tracks it; a kernel closer to compute-bound does not, so its speedup over bf16 depends on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.ones(2 ** 28)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return a.numel() * 4 / statistics.median(times) / 1e9
+
+
 def _earlier(args) -> dict:
     path = RESULTS / f"{args.name}.json"
     if not path.exists():
@@ -441,10 +457,11 @@ def _earlier(args) -> dict:
 
 
 def _merged(earlier: dict, now: dict) -> dict:
-    """now's rows, plus earlier's rows for the sizes now did not measure (and earlier's end-to-end rows
-    when now ran none); both commands are kept."""
-    measured = {(r["shape"], r["threads"], r["tokens"]) for r in now["rows"]}
-    keep = [r for r in earlier["rows"] if (r["shape"], r["threads"], r["tokens"]) not in measured]
+    """now's rows, plus earlier's rows for the sizes and variants now did not measure (and earlier's
+    end-to-end rows when now ran none); both commands are kept."""
+    key = lambda r: (r["shape"], r["threads"], r["tokens"], r["variant"])
+    measured = {key(r) for r in now["rows"]}
+    keep = [r for r in earlier["rows"] if key(r) not in measured]
     shapes = list(dict.fromkeys(r["shape"] for r in earlier["rows"] + now["rows"]))
     rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"],
                                                      r["variant"].startswith("torchao"), r["tokens"]))
@@ -493,8 +510,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 thread, few runs, no end-to-end")
     p.add_argument("--name", default="kernels_cpu")
     p.add_argument("--merge", action="store_true",
-                   help="keep the rows of recipes/results/NAME.json for the shapes, threads and token counts "
-                        "(and the end-to-end rows) this run does not measure")
+                   help="keep the rows of recipes/results/NAME.json for the shapes, threads, token counts and "
+                        "variants (and the end-to-end rows) this run does not measure")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (threads then do not apply: reported as 0)")
     p.add_argument("--cudagraphs", action="store_true",
                    help="GPU: replay each compiled graph as a CUDA graph (Inductor's triton.cudagraphs, what "
@@ -536,6 +553,9 @@ def main():
         if done:
             print(md)
 
+    if DEVICE.type == "cpu":
+        notes.append("memory read at the start (torch sum of 1 GiB float32): " + ", ".join(
+            f"{t} thread{'s' * (t > 1)} {read_bandwidth(t):.1f} GB/s" for t in args.threads if t))
     for shape in args.shapes:
         print(f"== {shape}", flush=True)
         run_shape(shape, args, rows, notes, on_rows=lambda: write(False))
