@@ -48,9 +48,9 @@ typedef struct {
     const int32_t *w_perm[9];       // [w] -> [8 / w][16]
     const int32_t *w_shift[9];      // [w] -> [8 / w][16]
     const int8_t *x8;               // [S, K] x in int8
-    // merging a second plane into the first (one-pair loop): which int32 of 32 bytes of the second plane each
-    // int32 of 64 bytes of the first meets (chunk c of the first <- chunk c / 2 of the second), and the shift
-    // of odd chunks by 4 bits (the second half of the parts); lanes (L) >= 4 only
+    // merging a second plane into the first (second_plane; where lanes >= 4): which int32 of 32 bytes of the
+    // second plane each int32 of 64 bytes of the first meets (chunk c of the first <- chunk c / 2 of the
+    // second), and the lanes of odd chunks, shifted by 4 bits (the second half of the parts)
     int32_t pair_idx[16];
     __mmask32 odd;                  // the 16-bit lanes of odd chunks
     int merge;
