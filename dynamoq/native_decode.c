@@ -93,6 +93,21 @@ static inline __attribute__((always_inline)) __m512i with_second(__m512i part, _
     return _mm512_ternarylogic_epi32(part, hi, _mm512_set1_epi8((char)(((1 << W2) - 1) << W)), 0xF8);
 }
 
+// Block B (64 bytes, mask m) of the first plane of R rows into v, prefetching `ahead`; with a second plane
+// (W2 > 0), its bytes for that block into u (second_plane).
+static inline __attribute__((always_inline)) void load_block(const job_t *j, const int W2, const int R,
+                                                             const uint8_t *const *codes, int64_t B, __mmask64 m,
+                                                             int64_t nbytes, int64_t ahead, __m512i *v, __m512i *u) {
+    for (int r = 0; r < R; r++) {
+        _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
+        v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
+        if (W2) {
+            if (B % 128 == 0) _mm_prefetch((const char *)codes[r] + nbytes + B / 2 + ahead, _MM_HINT_T1);
+            u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
+        }
+    }
+}
+
 // One plane of width W for a tile of R rows (code bytes at codes[r], per-group factors f[r]: scale *
 // 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): acc[r][p] += the plane's share (16 float lanes).
 // whole: the plane's groups are whole 64-byte blocks (gs * W / 8 a multiple of 64), so the int32 lanes of a
@@ -113,14 +128,7 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
         __m512i v[4], u[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
-            v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
-            if (W2) {
-                if (B % 128 == 0) _mm_prefetch((const char *)codes[r] + nbytes + B / 2 + ahead, _MM_HINT_T1);
-                u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
-            }
-        }
+        load_block(j, W2, R, codes, B, m, nbytes, ahead, v, u);
         for (int q = 0; q < c; q++) {
             __m512i xv[MAX_P];
             for (int p = 0; p < P; p++) xv[p] = _mm512_maskz_loadu_epi8(m, xq[p] + q * nbytes + B);
@@ -323,14 +331,7 @@ static inline __attribute__((always_inline)) void tile_one(const job_t *j, const
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
         __m512i v[4], u[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
-            v[r] = _mm512_maskz_loadu_epi8(m, codes[r] + B);
-            if (W2) {
-                if (B % 128 == 0) _mm_prefetch((const char *)codes[r] + nbytes + B / 2 + ahead, _MM_HINT_T1);
-                u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
-            }
-        }
+        load_block(j, W2, R, codes, B, m, nbytes, ahead, v, u);
         for (int q = 0; q < c; q++) {
             const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + q * nbytes + B);
             for (int r = 0; r < R; r++) {
