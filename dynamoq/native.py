@@ -9,13 +9,14 @@ a shift and a mask (DYNAMOQ_GFNI=0 builds without it). The pairs are grouped by 
 meets up to 4 pairs of its expert, so one kernel serves decode and prefill (many pairs): kernels.expert_linear
 uses it for every number of pairs. An expert with a single pair (every expert at decode of one token) has a
 loop of its own: the pair's x scales folded into the row factors, and where a group spans whole 64-byte
-blocks, one broadcast factor per group.
+blocks, one broadcast factor per group. A 3- or 6-bit code's second plane is merged into each part of the
+first before the product (one vpdpbusd per 64 codes, not two).
 
 Prefill, on CPUs with AMX-INT8 (amx()): an expert with at least 4 pairs (amx_min_pairs) has its rows
 unpacked once into one byte per code, and AMX's tile product multiplies 16 rows by 16 pairs, 64 inputs at
 a time, summed in int32 per group as above: the same result up to the order of float additions. A DynaMo
 mixed layer at 128 tokens ran 1.6-1.7x (OLMoE shape) and 1.25-1.3x (Qwen3 shape) faster than without it
-(recipes/results/kernels_cpu.md, "(no AMX)"). Needs groups of a multiple of 64 inputs; Linux grants the
+(on an Intel CPU with AMX, an earlier session; git history of recipes/results/kernels_cpu.md, "(no AMX)"). Needs groups of a multiple of 64 inputs; Linux grants the
 tile state once per process; DYNAMOQ_AMX=0 turns it off.
 
 The price of the int8 x: each output is off by about 0.5% of its norm (random data; the zero point
