@@ -112,8 +112,10 @@ static inline __attribute__((always_inline)) void load_block(const job_t *j, con
 // 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): acc[r][p] += the plane's share (16 float lanes).
 // whole: the plane's groups are whole 64-byte blocks (gs * W / 8 a multiple of 64), so the int32 lanes of a
 // group meet its one factor (broadcast) once per group; else once per block, each lane its group's.
+// folded (P = 1): the factors f already include the pair's x scales (one_factors); xs is not read.
 static inline __attribute__((always_inline)) void tile(const job_t *j, const int W, const int W2, const int R,
-                                                       const int P, const int whole, const uint8_t *const *codes,
+                                                       const int P, const int whole, const int folded,
+                                                       const uint8_t *const *codes,
                                                        int64_t ahead,
                                                        const int8_t *const *xq, const float *const *xs,
                                                        const float *const *f, __m512 acc[4][MAX_P]) {
@@ -141,33 +143,35 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
         if (whole) {
             if (--left) continue;
             left = per;
-            for (int p = 0; p < P; p++) fx[p] = _mm512_set1_ps(xs[p][g]);
+            for (int p = 0; p < P && !folded; p++) fx[p] = _mm512_set1_ps(xs[p][g]);
             for (int r = 0; r < R; r++) fr[r] = _mm512_set1_ps(f[r][g]);
             g++;
         } else {        // lane_group: the group of each int32 lane minus the block's first group
             const __m512i idx = _mm512_loadu_si512((const void *)(lane_group + B / 4));
             const int64_t g0 = B / bpg;
-            for (int p = 0; p < P; p++) fx[p] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs[p] + g0));
+            for (int p = 0; p < P && !folded; p++) fx[p] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs[p] + g0));
             for (int r = 0; r < R; r++) fr[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(f[r] + g0));
         }
         for (int r = 0; r < R; r++)
             for (int p = 0; p < P; p++) {
-                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][p]), _mm512_mul_ps(fr[r], fx[p]), acc[r][p]);
+                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][p]), folded ? fr[r] : _mm512_mul_ps(fr[r], fx[p]),
+                                            acc[r][p]);
                 ai[r][p] = _mm512_setzero_si512();
             }
     }
 }
 
-#define TILE_WW(Rv, Pv, whole)                                                                            \
+#define TILE_WW(Rv, Pv, whole, folded)                                                                    \
     switch (w * 10 + w2) {                                                                                \
-        case 80: tile(j, 8, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
-        case 40: tile(j, 4, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
-        case 42: tile(j, 4, 2, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
-        case 20: tile(j, 2, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
-        case 21: tile(j, 2, 1, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
-        default: tile(j, 1, 0, Rv, Pv, whole, codes, ahead, xq, xs, f, acc); break;                       \
+        case 80: tile(j, 8, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
+        case 40: tile(j, 4, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
+        case 42: tile(j, 4, 2, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
+        case 20: tile(j, 2, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
+        case 21: tile(j, 2, 1, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
+        default: tile(j, 1, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
     }
-#define TILE_W(Rv, Pv) if (whole) { TILE_WW(Rv, Pv, 1) } else { TILE_WW(Rv, Pv, 0) }
+#define TILE_F(Rv, Pv, folded) if (whole) { TILE_WW(Rv, Pv, 1, folded) } else { TILE_WW(Rv, Pv, 0, folded) }
+#define TILE_W(Rv, Pv) TILE_F(Rv, Pv, 0)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -285,10 +289,8 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
 }
 
 // ---- one pair (decode) ---------------------------------------------------------------------------------
-// An expert with a single pair: its x scales are folded into the rows' factors, both planes add into one
-// float accumulator per row that starts at the zero-point term (as a vector), and 4 rows are reduced at once.
-// Where a plane's groups are whole 64-byte blocks (bpg a multiple of 64), the int32 lanes of a group meet its
-// one factor once per group, broadcast; else once per block, permuted to the groups of its lanes as in tile().
+// An expert with a single pair: its x scales are folded into the rows' factors (one_factors), so tile() runs
+// without multiplying them in (folded), and each row's accumulator starts at its zero-point term.
 
 // Per row n of [nb, ne), in buf [ROW_BLOCK][ONE_ROW]: per plane i the factors scale * 2**offset * xs [G16 + 16],
 // then the zero-point term's 16 lanes, - sum over g = lane mod 16 of scale * zero * xsum.
@@ -316,64 +318,12 @@ static void one_factors(const job_t *j, int64_t e, int b, int64_t pair, int64_t 
     }
 }
 
-// One plane of width W, R rows (codes[r], factors f[r]) times the pair's x bytes xq: acc[r] += its share.
-// W2 > 0: the row's second plane of width W2 is merged in (second_plane).
-static inline __attribute__((always_inline)) void tile_one(const job_t *j, const int W, const int W2, const int R,
-                                                           const int whole, const uint8_t *const *codes,
-                                                           int64_t ahead, const int8_t *xq, const float *const *f,
-                                                           __m512 acc[4]) {
-    const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8, per = whole ? bpg / 64 : 1;
-    const int c = 8 / W;
-    const __m512i lo = _mm512_set1_epi8((char)((1 << W) - 1));
-    __m512i ai[4];
-    for (int r = 0; r < R; r++) ai[r] = _mm512_setzero_si512();
-    int64_t left = per, g = 0;
-    for (int64_t B = 0; B < nbytes; B += 64) {
-        const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
-        __m512i v[4], u[4];
-        load_block(j, W2, R, codes, B, m, nbytes, ahead, v, u);
-        for (int q = 0; q < c; q++) {
-            const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + q * nbytes + B);
-            for (int r = 0; r < R; r++) {
-                const __m512i part = code_part(v[r], W, q, lo);
-                ai[r] = _mm512_dpbusd_epi32(ai[r], W2 ? with_second(part, u[r], W, W2, q) : part, xv);
-            }
-        }
-        if (whole) {
-            if (--left) continue;
-            for (int r = 0; r < R; r++) {
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r]), _mm512_set1_ps(f[r][g]), acc[r]);
-                ai[r] = _mm512_setzero_si512();
-            }
-            left = per;
-            g++;
-        } else {
-            const __m512i idx = _mm512_loadu_si512((const void *)(j->lane_group[W] + B / 4));
-            for (int r = 0; r < R; r++) {
-                const __m512 fr = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(f[r] + B / bpg));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r]), fr, acc[r]);
-                ai[r] = _mm512_setzero_si512();
-            }
-        }
-    }
-}
-
-#define TILE_ONE(Rv, whole)                                                                                 \
-    switch (w * 10 + w2) {                                                                                \
-        case 80: tile_one(j, 8, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
-        case 40: tile_one(j, 4, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
-        case 42: tile_one(j, 4, 2, Rv, whole, codes, ahead, xq, f, acc); break;                           \
-        case 20: tile_one(j, 2, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
-        case 21: tile_one(j, 2, 1, Rv, whole, codes, ahead, xq, f, acc); break;                           \
-        default: tile_one(j, 1, 0, Rv, whole, codes, ahead, xq, f, acc); break;                           \
-    }
-
 // Rows [n0, n1) of expert e (codes_e: its q{b} rows) times its one pair.
 static void expert_rows_one(const job_t *j, int64_t e, int b, const uint8_t *codes_e, int64_t pair,
                             int64_t n0, int64_t n1, float *buf) {
     const int64_t G16 = (j->G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
     const int64_t ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
-    float *y = j->y + pair * j->N;
+    const float *xs[MAX_P] = {NULL};                    // folded into the factors
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
         one_factors(j, e, b, pair, nb, ne, buf);
@@ -381,27 +331,24 @@ static void expert_rows_one(const job_t *j, int64_t e, int b, const uint8_t *cod
             const int R = n + 4 <= ne ? 4 : 1;
             const uint8_t *codes[4];
             const float *f[4];
-            __m512 acc[4];
+            __m512 acc[4][MAX_P];
             for (int r = 0; r < R; r++) {
                 codes[r] = codes_e + (n + r) * row_bytes;
-                acc[r] = _mm512_loadu_ps(buf + (n + r - nb) * ONE_ROW(G16) + 2 * (G16 + 16));
+                acc[r][0] = _mm512_loadu_ps(buf + (n + r - nb) * ONE_ROW(G16) + 2 * (G16 + 16));
             }
             for (int i = 0; i < 2; i++) {
                 const int w = j->planes[(b * 2 + i) * 2 + 1];
                 if (!w) break;
                 const int w2 = i == 0 && j->merge ? j->planes[(b * 2 + 1) * 2 + 1] : 0;   // second_plane
-                const int8_t *xq = j->xq[w] + pair * K;
+                const int8_t *xq[MAX_P] = {j->xq[w] + pair * K};
                 const int whole = j->gs * w / 8 % 64 == 0;
                 for (int r = 0; r < R; r++) f[r] = buf + (n + r - nb) * ONE_ROW(G16) + i * (G16 + 16);
-                if (R == 4 && whole) { TILE_ONE(4, 1) }
-                else if (R == 4) { TILE_ONE(4, 0) }
-                else if (whole) { TILE_ONE(1, 1) }
-                else { TILE_ONE(1, 0) }
+                if (R == 4) { TILE_F(4, 1, 1) }
+                else { TILE_F(1, 1, 1) }
                 if (w2) break;
                 for (int r = 0; r < R; r++) codes[r] += K * w / 8;
             }
-            if (R == 4) _mm_storeu_ps(y + n, reduce4(acc[0], acc[1], acc[2], acc[3]));
-            else y[n] = _mm512_reduce_add_ps(acc[0]);
+            store_rows(j, R, 1, &pair, n, acc);
             n += R;
         }
     }
