@@ -84,6 +84,7 @@ ROUTER_NAMES = ("gate", "router", "gating_network", "switch_mlp_gate")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")  # inside the block or beside it (Granite)
 EXPERTS_NAMES = ("experts",)
 DENSE_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
@@ -145,6 +146,12 @@ def is_dense_mlp(module: nn.Module, fqn: str) -> bool:
     return len(linears) >= 2 and all(isinstance(c, nn.Linear) or not list(c.parameters()) for c in children)
 
 
+def is_attention(module: nn.Module, fqn: str) -> bool:
+    """A decoder layer's attention: its projections are nn.Linear children (q/k/v/o, or MLA's low-rank ones)."""
+    return (fqn.rsplit(".", 1)[-1] in ATTENTION_NAMES and experts_of(module) is None
+            and any(isinstance(c, nn.Linear) for c in module.children()))
+
+
 def is_shared_expert(module: nn.Module, fqn: str) -> bool:
     return fqn.rsplit(".", 1)[-1] in SHARED_NAMES and experts_of(module) is None
 
@@ -180,3 +187,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def dense_mlps(model: nn.Module) -> dict[str, nn.Module]:
     return {fqn: m for fqn, m in model.named_modules() if is_dense_mlp(m, fqn)}
+
+
+def attentions(model: nn.Module) -> dict[str, nn.Module]:
+    return {fqn: m for fqn, m in model.named_modules() if is_attention(m, fqn)}

@@ -368,6 +368,8 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
             shared += [p.bits for p in s.parameters() if isinstance(p, SwitchableLinear)]
     for mlp in adapters.dense_mlps(model).values():
         dense += [p.bits for p in mlp.parameters() if isinstance(p, SwitchableLinear)]
+    attention = [p.bits for a in adapters.attentions(model).values() for p in a.parameters()
+                 if isinstance(p, SwitchableLinear)]
     group = _unique(m["attributes"]["group_size"] for m in modules.values() if "group_size" in m["attributes"])
     # the experts' own config (the text config of a composite model) says which implementation runs them
     configs = [getattr(b.experts, "config", None) for b in blocks if b.adapter.fused] + [getattr(model, "config", None)]
@@ -385,7 +387,8 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
         "format_version": FORMAT_VERSION,
         "dynamoq_version": _version(),
         "config": {"expert_bits": expert_bits, "group_size": group, "shared_bits": _unique(shared),
-                   "dense_bits": _unique(dense), "experts_implementation": impl},
+                   "dense_bits": _unique(dense), "attention_bits": _unique(attention),
+                   "experts_implementation": impl},
         "expert_bits": expert_bits,
         "group_size": group,
         "experts_implementation": impl,
@@ -957,7 +960,7 @@ class DynamoqConfig(QuantizationConfigMixin):
         return DynaMoConfig(expert_bits={int(k): list(v) for k, v in (c.get("expert_bits") or {}).items()} or None,
                             bits=None if c.get("expert_bits") else 4, group_size=c.get("group_size") or 128,
                             shared_bits=c.get("shared_bits"), dense_bits=c.get("dense_bits"),
-                            experts_implementation=c.get("experts_implementation"))
+                            attention_bits=c.get("attention_bits"), experts_implementation=c.get("experts_implementation"))
 
 
 class DynamoqDeserialize(ConversionOps):

@@ -188,10 +188,23 @@ def _check_quantize_args(args) -> None:
     # the library's own checks of the options (a placeholder stands for the data not read yet)
     dynamoq.DynaMoConfig(bits=args.bits, group_size=args.group_size, target_bits=args.target_bits,
                          allocation=args.allocation, quantizer=args.quantizer, cache_fraction=args.cache_fraction,
-                         datasets={"": []} if has_data else None)
+                         datasets={"": []} if has_data else None, **_other_bits(args))
     if args.baseline_bits:
         dynamoq.DynaMoConfig(bits=args.baseline_bits, quantizer=args.quantizer,
                              datasets={"": []} if has_data else None)
+
+
+def _bits_or_keep(v: str) -> int | None:
+    if v == "keep":
+        return None
+    if v not in ("2", "3", "4", "6", "8"):
+        raise argparse.ArgumentTypeError(f"{v!r}: choose 2, 3, 4, 6, 8 or keep")
+    return int(v)
+
+
+def _other_bits(args) -> dict:
+    """The bit-widths of the weights beside the routed experts (DynaMoConfig fields)."""
+    return {f"{part}_bits": getattr(args, f"{part}_bits") for part in ("shared", "dense", "attention")}
 
 
 def _check_reference_group_size(group_size: int) -> None:
@@ -274,7 +287,7 @@ def cmd_quantize(args) -> int:
                 base = copy.deepcopy(model)
                 dynamoq.quantize_(base, dynamoq.DynaMoConfig(
                     bits=args.baseline_bits, group_size=args.group_size, quantizer=args.quantizer,
-                    analysis=analysis if args.quantizer == "gptq" else None, cache_fraction=0.0),
+                    analysis=analysis if args.quantizer == "gptq" else None, cache_fraction=0.0, **_other_bits(args)),
                     progress=_progress(args))
                 evals[label] = (_evaluate(args, base, eval_texts, tokenizer, label, args.seq_len,
                                           args.eval_max_tokens), dynamoq.bits_report(base)["storage_bits"])
@@ -288,7 +301,7 @@ def cmd_quantize(args) -> int:
     config = dynamoq.DynaMoConfig(bits=args.bits, expert_bits=expert_bits, group_size=args.group_size,
                                   analysis=analysis, target_bits=args.target_bits, allocation=allocation,
                                   quantizer=args.quantizer, cache_fraction=args.cache_fraction,
-                                  cache_projections=args.cache_projections)
+                                  cache_projections=args.cache_projections, **_other_bits(args))
     t0 = time.perf_counter()
     dynamoq.quantize_(model, config, progress=_progress(args))
     seconds = time.perf_counter() - t0
@@ -322,7 +335,8 @@ def cmd_quantize(args) -> int:
                           "data": list(analysis.datasets) if analysis is not None else [],
                           "analysis": analysis_path, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
                           "eval": list(eval_texts or []), "eval_split": args.eval_split,
-                          "baseline_bits": args.baseline_bits})
+                          "baseline_bits": args.baseline_bits, **_other_bits(args)},
+                  other_bytes=report["other_bytes"])
     if args.out:
         out_dir = Path(args.out)
         with _step(args, f"saving to {out_dir}", timings, "save"):
@@ -359,6 +373,9 @@ def cmd_quantize(args) -> int:
           f"({fp_bytes / report['bytes']:.2f}x smaller)")
     if report["cache_bytes"]:
         print(f"switching cache: {report['cache_bytes']:,} bytes ({report['cache_bits']:.3f} bits per expert weight)")
+    if report["other"]:
+        print(f"shared experts, dense layers and attention: {report['other_bytes']:,} bytes in "
+              f"{len(report['other'])} weights")
     print(f"output: relative logit error {result['relative_logit_error']:.4f}, "
           f"top-1 agreement {100 * result['top1_agreement']:.1f}% on {probe}  ({seconds:.2f} s to quantize)")
     for label, (res, _) in evals.items():
@@ -552,7 +569,8 @@ def cmd_inspect(args) -> int:
         text.append(f"expert bytes: {report['bytes']:,}; switching cache: {report['cache_bytes']:,} bytes "
                     f"({report['cache_bits']:.3f} bits per expert weight)")
         if report["other"]:
-            text.append(f"shared experts and dense layers: {report['other_bytes']:,} bytes in {len(report['other'])} weights")
+            text.append(f"shared experts, dense layers and attention: {report['other_bytes']:,} bytes in "
+                        f"{len(report['other'])} weights")
     _emit(args, result, text)
     return 0
 
@@ -672,6 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 6, 8), help="uniform bits (default: a mixed 8/4/3/2 demo, "
                    "or DynaMo's allocation with --data/--analysis)")
     q.add_argument("--group-size", type=int, default=64)
+    for part, default, what in (("shared", 8, "shared experts"), ("dense", None, "dense MLP layers"),
+                                ("attention", None, "attention projections")):
+        q.add_argument(f"--{part}-bits", type=_bits_or_keep, default=default, metavar="{2,3,4,6,8,keep}",
+                       help=f"bits of the {what} (default: {default or 'keep'}; keep: left as they are)")
     _data_options(q)
     q.add_argument("--analysis", metavar="DIR", help="an analysis saved by `dynamoq analyze` (instead of --data)")
     q.add_argument("--target-bits", type=float, help="average stored bits per expert weight (budget allocation)")

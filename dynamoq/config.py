@@ -37,7 +37,9 @@ class DynaMoConfig(AOBaseConfig):
                     tokens use the Hessian of every token) configure it.
     Other weights:
       group_size:   inputs per scale/zero group (default 128; must divide every quantized input dim).
-      shared_bits:  shared experts (None keeps them); dense_bits: dense MLP layers (None keeps them).
+      shared_bits:  shared experts (None keeps them); dense_bits: dense MLP layers (None keeps them);
+      attention_bits: the attention projections (None keeps them; 8 is near lossless and, on CPUs with
+                    the native kernel, faster than 16-bit weights at decode).
     Switching:
       cache_fraction: share of each expert's input channels kept in 16-bit for run-time switching
                     (dynamoq.adapt_), chosen from the analysis; 0 keeps no cache. Needs an analysis.
@@ -52,6 +54,7 @@ class DynaMoConfig(AOBaseConfig):
     group_size: int = 128
     shared_bits: int | None = 8
     dense_bits: int | None = None
+    attention_bits: int | None = None
     experts_implementation: str | None = "dynamoq"
     analysis: Any = None
     datasets: Mapping[str, Any] | None = None
@@ -71,7 +74,7 @@ class DynaMoConfig(AOBaseConfig):
     cache_projections: str = "input"
 
     def __post_init__(self):
-        for b in (self.bits, self.shared_bits, self.dense_bits):
+        for b in (self.bits, self.shared_bits, self.dense_bits, self.attention_bits):
             if b is not None:
                 check_bits(b)
         for layer, bits in (self.expert_bits or {}).items():

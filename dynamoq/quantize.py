@@ -78,7 +78,8 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
     """What the handler will quantize in one module that moe_filter passed."""
     block = adapters.as_block(module, fqn)
     if block is None:
-        bits = config.shared_bits if adapters.is_shared_expert(module, fqn) else config.dense_bits
+        bits = (config.shared_bits if adapters.is_shared_expert(module, fqn) else
+                config.attention_bits if adapters.is_attention(module, fqn) else config.dense_bits)
         return _dense_targets(module, fqn, bits)
     if block.adapter.refusal:
         raise adapters.UnsupportedModelError(block.adapter.refusal)
@@ -103,10 +104,10 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
 
 
 def moe_filter(module: nn.Module, fqn: str) -> bool:
-    """torchao filter: True for MoE blocks, shared experts and dense MLP layers (it records the
-    module's name, which the handler needs to know the decoder layer)."""
+    """torchao filter: True for MoE blocks, shared experts, dense MLP layers and attention (it records
+    the module's name, which the handler needs to know the decoder layer)."""
     if (adapters.experts_of(module) is not None or adapters.is_dense_mlp(module, fqn)
-            or adapters.is_shared_expert(module, fqn)):
+            or adapters.is_shared_expert(module, fqn) or adapters.is_attention(module, fqn)):
         module.__dict__[_FQN] = fqn
         return True
     return False

@@ -334,6 +334,7 @@ def e2e_model(which: str):
 
 
 E2E_LAYERS = 4
+ATTENTION_8 = "dynamoq mixed 2/4/6/8, 8-bit attention"   # the attention projections packed too (SwitchableLinear)
 E2E_PPL_TOKENS = 256         # tokens of drama's test split scored through the decode path (real model)
 
 
@@ -362,7 +363,7 @@ def decode_perplexity(model, ids) -> float:
 
 def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     """Greedy decode, one token per step with a static cache, compiled decode step; bf16 against DynaMo
-    mixed (~3 storage bits) and uniform 4-bit experts (group 64); appends to rows."""
+    mixed (~3 storage bits; also with 8-bit attention) and uniform 4-bit experts (group 64); appends to rows."""
     got = e2e_model(args.e2e_model)
     if got is None:
         notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
@@ -378,7 +379,7 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     for threads in args.threads:
         if threads:
             torch.set_num_threads(threads)
-        labels = ["bf16", "dynamoq mixed 2/4/6/8", "dynamoq 4-bit"]
+        labels = ["bf16", "dynamoq mixed 2/4/6/8", ATTENTION_8, "dynamoq 4-bit"]
         if DEVICE.type == "cpu" and dynamoq.native.available():
             labels.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         for label in labels:
@@ -387,7 +388,9 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
             if label != "bf16":
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
-                dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64), progress=False)
+                dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64,
+                                                              attention_bits=8 if label == ATTENTION_8 else None),
+                                  progress=False)
             with native_kernel(not label.endswith(INDUCTOR)):
                 tps, text = decode_rate(model, prompt, args.e2e_tokens)
                 ppl = (decode_perplexity(model, held_out) if held_out is not None and threads == args.threads[0]

@@ -133,13 +133,14 @@ def test_dtype_argument_matches_casting_the_quantized_model(tmp_path):
 
 
 def test_quantization_config_describes_everything_needed_to_rebuild(tmp_path):
-    m = quantized("deepseek_v3", shared_bits=6, dense_bits=4)
+    m = quantized("deepseek_v3", shared_bits=6, dense_bits=4, attention_bits=8)
     m.save_pretrained(tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "dynamoq" and qc["format_version"] == ck.FORMAT_VERSION
     assert qc["group_size"] == 32 and qc["experts_implementation"] == "dynamoq"
     assert qc["expert_bits"] == {str(k): v for k, v in dynamoq.bits_report(m)["experts"].items()}
-    assert qc["config"]["shared_bits"] == 6 and qc["config"]["dense_bits"] == 4
+    assert qc["config"]["shared_bits"] == 6 and qc["config"]["dense_bits"] == 4 and qc["config"]["attention_bits"] == 8
+    assert qc["modules"]["model.layers.0.self_attn.o_proj.weight"]["type"] == "SwitchableLinear"
     assert "switching_cache" in qc
     w = qc["modules"]["model.layers.1.mlp.experts.gate_up_proj"]
     assert w["type"] == "DynaMoExperts" and w["attributes"]["expert_bits"] == qc["expert_bits"]["1"]

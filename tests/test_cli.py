@@ -198,6 +198,13 @@ def test_quantize_builtin_json(capsys):
     assert res["expert_bytes"] < res["expert_bytes_fp"] and 0 < res["relative_logit_error"] < 0.5
 
 
+def test_quantize_attention_and_shared_bits(capsys):
+    res = run_json(capsys, "quantize", "--builtin", "--attention-bits", "8", "--shared-bits", "keep", "-q")
+    assert res["config"]["attention_bits"] == 8 and res["config"]["shared_bits"] is None
+    assert res["other_bytes"] > 0 and 0 < res["relative_logit_error"] < 0.5
+    assert run_json(capsys, "quantize", "--builtin", "-q")["other_bytes"] == 0     # the builtin has no shared experts
+
+
 def test_quantize_default_is_the_real_reference_model(capsys, model_dir, monkeypatch):
     import dynamoq.models
     asked = []
@@ -224,6 +231,7 @@ def test_bench_builtin_and_script(capsys, model_dir, tmp_path):
     (["quantize", "--bits", "4", "--target-bits", "3"], "exclude"),
     (["quantize", "--target-bits", "3"], "analysis"),
     (["quantize", "--bits", "5"], "invalid choice"),
+    (["quantize", "--attention-bits", "5"], "choose 2, 3, 4, 6, 8 or keep"),
     (["eval", "./no/such/model", "--data", "drama"], "no model at"),
     (["report", "/no/such/run"], "not a directory"),
     (["frobnicate"], "invalid choice"),

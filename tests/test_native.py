@@ -142,6 +142,23 @@ def test_without_gfni_the_shift_and_mask_build_gives_the_same_bits(tmp_path):
     assert torch.equal(ys[0], ys[1]) and ys[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("shape", [(3, 192), (2, 5, 192)])
+def test_a_packed_linear_runs_it_with_its_bias(shape):
+    """SwitchableLinear (attention, shared experts, dense MLPs): F.linear takes the kernel, as one expert
+    whose pairs are the tokens; exact against the dequantized weight times the int8 x."""
+    from dynamoq import SwitchableLinear
+    torch.manual_seed(0)
+    w = SwitchableLinear.from_float(torch.randn(40, 192), 4, 64)
+    x, bias = torch.randn(shape), torch.randn(40)
+    y = torch.nn.functional.linear(x, w, bias)
+    x8 = native.rounded_x(x.reshape(-1, 192), 64).reshape(shape)
+    torch.testing.assert_close(y, x8 @ w.dequantize().t() + bias, rtol=1e-5, atol=1e-4)
+    with kernels.native_kernel(False):
+        exact = torch.nn.functional.linear(x, w, bias)
+    assert y.shape == exact.shape == (*shape[:-1], 40) and not torch.equal(y, exact)
+    assert ((y - exact).norm() / exact.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("group_size", [32, 64])                  # 64: the prompt's experts take AMX, if any
 def test_a_quantized_model_runs_it_for_prefill_and_decode_compiled_without_graph_breaks(group_size):
     """A tiny OLMoE, mixed widths: the native kernel for a prompt (many pairs) and for one token, eager and
@@ -155,7 +172,7 @@ def test_a_quantized_model_runs_it_for_prefill_and_decode_compiled_without_graph
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg).eval()
     dynamoq.quantize_(m, dynamoq.DynaMoConfig(expert_bits={i: [2, 3, 4, 8, 2, 6, 4, 3] for i in range(2)},
-                                              group_size=group_size), progress=False)
+                                              attention_bits=8, group_size=group_size), progress=False)
     torch._dynamo.reset()
     counters.clear()
     f = torch.compile(m, fullgraph=True)

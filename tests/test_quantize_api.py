@@ -71,10 +71,13 @@ def test_routers_embeddings_head_and_norms_stay_as_they_are():
     assert after["model.layers.0.mlp.shared_expert.up_proj.weight"].bits == 8
 
 
-def test_shared_experts_and_dense_layers_take_their_own_widths():
+def test_shared_experts_dense_layers_and_attention_take_their_own_widths():
     m = build("deepseek_v3")
-    dynamoq.quantize_(m, DynaMoConfig(bits=3, shared_bits=6, dense_bits=4, group_size=32))
+    dynamoq.quantize_(m, DynaMoConfig(bits=3, shared_bits=6, dense_bits=4, attention_bits=8, group_size=32))
     assert m.model.layers[0].mlp.gate_proj.weight.bits == 4               # dense first layer
+    attn = {n: p for n, p in m.model.layers[1].self_attn.named_parameters() if n.endswith("proj.weight")}
+    assert len(attn) >= 4 and all(isinstance(p, SwitchableLinear) and p.bits == 8 for p in attn.values()), attn
+    assert "kv_b_proj.weight" in attn                                      # MLA's low-rank projections too
     assert m.model.layers[1].mlp.shared_experts.down_proj.weight.bits == 6
     assert m.model.layers[1].mlp.experts.down_proj.expert_bits == (3,) * 4
     assert not isinstance(m.model.layers[1].mlp.gate.weight, SwitchableLinear | DynaMoExperts)  # router
