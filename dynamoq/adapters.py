@@ -147,9 +147,10 @@ def is_dense_mlp(module: nn.Module, fqn: str) -> bool:
 
 
 def is_attention(module: nn.Module, fqn: str) -> bool:
-    """A decoder layer's attention: its projections are nn.Linear children (q/k/v/o, or MLA's low-rank ones)."""
-    return (fqn.rsplit(".", 1)[-1] in ATTENTION_NAMES and experts_of(module) is None
-            and any(isinstance(c, nn.Linear) for c in module.children()))
+    """A decoder layer's attention (by its name, or by its class's for a hybrid's "mixer"), whose projections
+    are nn.Linear children (q/k/v/o, or MLA's low-rank ones)."""
+    return ((fqn.rsplit(".", 1)[-1] in ATTENTION_NAMES or type(module).__name__.endswith("Attention"))
+            and experts_of(module) is None and any(isinstance(c, nn.Linear) for c in module.children()))
 
 
 def is_shared_expert(module: nn.Module, fqn: str) -> bool:

@@ -58,8 +58,9 @@ class Target:
         setattr(self.owner, self.name, nn.Parameter(q, requires_grad=False))
 
 
-def _dense_targets(module: nn.Module, prefix: str, bits: int | None) -> list[Target]:
-    """Linear weights, and 3D expert-like parameters (e.g. Inkling's shared experts), of a dense part."""
+def _dense_targets(module: nn.Module, prefix: str, bits: int | None, linear_only: bool = False) -> list[Target]:
+    """Linear weights, and unless linear_only 3D expert-like parameters (e.g. Inkling's shared experts), of a
+    dense part. (Attention is linear_only: a linear attention's 3D weights are short convolutions.)"""
     if bits is None:
         return []
     out = []
@@ -67,7 +68,7 @@ def _dense_targets(module: nn.Module, prefix: str, bits: int | None) -> list[Tar
         fqn = f"{prefix}.{name}" if name else prefix
         if isinstance(m, nn.Linear):
             out.append(Target(m, "weight", f"{fqn}.weight", (bits,)))
-        elif not list(m.children()):
+        elif not linear_only and not list(m.children()):
             for pname, p in m.named_parameters(recurse=False):
                 if p.ndim == 3:
                     out.append(Target(m, pname, f"{fqn}.{pname}", (bits,) * p.shape[0]))
@@ -78,8 +79,9 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
     """What the handler will quantize in one module that moe_filter passed."""
     block = adapters.as_block(module, fqn)
     if block is None:
-        bits = (config.shared_bits if adapters.is_shared_expert(module, fqn) else
-                config.attention_bits if adapters.is_attention(module, fqn) else config.dense_bits)
+        if adapters.is_attention(module, fqn):
+            return _dense_targets(module, fqn, config.attention_bits, linear_only=True)
+        bits = config.shared_bits if adapters.is_shared_expert(module, fqn) else config.dense_bits
         return _dense_targets(module, fqn, bits)
     if block.adapter.refusal:
         raise adapters.UnsupportedModelError(block.adapter.refusal)
@@ -97,9 +99,11 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
                for t in _dense_targets(block.experts[e], f"{prefix}.{e}", b)]
     for name, shared in block.shared.items():
         out += _dense_targets(shared, f"{fqn}.{name}", config.shared_bits)
-    for name, child in module.named_children():          # a dense MLP beside the experts (Gemma-4)
+    for name, child in module.named_children():          # a dense MLP or attention beside the experts (Gemma-4)
         if adapters.is_dense_mlp(child, f"{fqn}.{name}"):
             out += _dense_targets(child, f"{fqn}.{name}", config.dense_bits)
+        elif adapters.is_attention(child, f"{fqn}.{name}"):
+            out += _dense_targets(child, f"{fqn}.{name}", config.attention_bits, linear_only=True)
     return out
 
 

@@ -335,6 +335,9 @@ def e2e_model(which: str):
 
 E2E_LAYERS = 4
 ATTENTION_8 = "dynamoq mixed 2/4/6/8, 8-bit attention"   # the attention projections packed too (SwitchableLinear)
+# bf16 with each transformers experts implementation that decodes fast: grouped_mm (its default on CPU, which
+# runs every expert's matmul, routed or not) and batched_mm (only the routed ones'); "vs bf16" is against the faster
+E2E_BF16 = {"bf16 grouped_mm": "grouped_mm", "bf16 batched_mm": "batched_mm"}
 E2E_PPL_TOKENS = 256         # tokens of drama's test split scored through the decode path (real model)
 
 
@@ -379,13 +382,17 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     for threads in args.threads:
         if threads:
             torch.set_num_threads(threads)
-        labels = ["bf16", "dynamoq mixed 2/4/6/8", ATTENTION_8, "dynamoq 4-bit"]
+        labels = [*E2E_BF16, "dynamoq mixed 2/4/6/8", ATTENTION_8, "dynamoq 4-bit"]
         if DEVICE.type == "cpu" and dynamoq.native.available():
             labels.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         for label in labels:
             torch._dynamo.reset()
             model = make()
-            if label != "bf16":
+            if label in E2E_BF16:
+                for c in {id(model.config): model.config, **{id(b.experts.config): b.experts.config
+                                                             for b in dynamoq.moe_blocks(model)}}.values():
+                    c._experts_implementation = E2E_BF16[label]
+            else:
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
                 dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64,
@@ -397,7 +404,7 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
                        and not label.endswith(INDUCTOR) else None)
             with native_kernel(False):         # the same weights, x in fp32: one forward over the text
                 exact = forward_perplexity(model, held_out) if ppl is not None else None
-            rep = dynamoq.bits_report(model) if label != "bf16" else {"storage_bits": 16.0}
+            rep = dynamoq.bits_report(model) if label not in E2E_BF16 else {"storage_bits": 16.0}
             rows.append({"model": args.e2e_model, "threads": threads, "variant": label, "tokens_per_s": tps,
                          "expert_storage_bits": rep["storage_bits"], "text": text, "decode_ppl": ppl,
                          "forward_ppl": exact})
@@ -419,9 +426,12 @@ def table(rows, e2e_rows, notes) -> str:
         model = {"olmoe": f"OLMoE-1B-7B shape, {E2E_LAYERS} layers, random weights"}.get(
             e2e_rows[0].get("model"), "real reference model")
         lines += ["", f"End-to-end greedy decode, {model} (compiled decode step, static cache):", "",
-                  "| threads | experts | expert bits | decode tokens/s | vs bf16 | perplexity through decode |",
+                  "| threads | experts | expert bits | decode tokens/s | vs the faster bf16 | perplexity through decode |",
                   "|---|---|---|---|---|---|"]
-        base = {r["threads"]: r["tokens_per_s"] for r in e2e_rows if r["variant"] == "bf16"}
+        base = {}
+        for r in e2e_rows:                    # the fastest bf16 (older results: one row named "bf16")
+            if r["variant"] == "bf16" or r["variant"] in E2E_BF16:
+                base[r["threads"]] = max(base.get(r["threads"], 0.0), r["tokens_per_s"])
         for r in e2e_rows:
             ppl = (f"{r['decode_ppl']:.3f} (one forward, fp32 x: {r['forward_ppl']:.3f})" if r.get("decode_ppl")
                    else "-")

@@ -84,6 +84,25 @@ def test_shared_experts_dense_layers_and_attention_take_their_own_widths():
     assert torch.isfinite(m(tokens(m)).logits).all()
 
 
+@pytest.mark.parametrize("model_type", ["gemma4_text", "nemotron_h", "kimi_linear", "mixtral"])
+def test_attention_bits_pack_every_attention_linear_and_nothing_else(model_type):
+    """Attention inside the MoE block's module (Gemma-4), a hybrid's attention "mixer" (Nemotron-H), a
+    linear attention with short convolutions (Kimi-Linear: its 3D conv weights stay as they are)."""
+    m = build(model_type)
+    linears = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
+               and any(dynamoq.adapters.is_attention(a, f) and n.startswith(f + ".") for f, a in m.named_modules())}
+    before = _plain_params(m)
+    dynamoq.quantize_(m, DynaMoConfig(bits=4, attention_bits=8, group_size=16 if model_type == "nemotron_h" else 32))
+    after = _plain_params(m)
+    packed = {n for n, p in after.items() if isinstance(p, SwitchableLinear) and n in linears}
+    assert linears and packed == linears, linears - packed
+    assert all(after[n].bits == 8 for n in packed)
+    others = {n for n in before if n not in linears and ".experts." not in n and ".shared_expert" not in n}
+    assert all(after[n] is before[n] for n in others), [n for n in others if after[n] is not before[n]]
+    with torch.no_grad():
+        assert torch.isfinite(m(tokens(m)).logits).all()
+
+
 def test_quantizing_twice_is_refused_and_changes_nothing():
     m = build("olmoe")
     dynamoq.quantize_(m, DynaMoConfig(bits=4, group_size=32))
