@@ -6,8 +6,9 @@ with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on
 they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
 native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
 AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
-decode of the real reference model (dynamoq.models.reference("real")), quantized against bf16, with its
-perplexity through the decode path (on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4
+decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
+and the attention at 8 bits) against bf16 with grouped_mm and with batched_mm, with its perplexity
+through the decode path (on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4
 layers, random weights).
 
     python recipes/bench_kernels.py                       # everything (about an hour on 2 cores)
