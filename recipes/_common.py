@@ -66,33 +66,47 @@ def evaluate(model, tok, domains, args, reference=None) -> dict:
     return out
 
 
-def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
-    """Greedy decode, one token per step with a static cache, the decode step compiled (fullgraph).
-    prompt [1, T] -> (steady tokens/s: median over the steps after the first `warmup`, which compile;
-    the tokens generated)."""
-    import statistics
+class Decoder:
+    """Greedy decode of one model, one token per step with a static cache, the decode step compiled
+    (fullgraph); step() times one step. Several Decoders can be stepped in turn (interleaved)."""
 
-    from transformers import StaticCache
+    def __init__(self, model, prompt, new_tokens: int):
+        from transformers import StaticCache
 
-    import dynamoq
-    dev = next(model.parameters()).device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    prompt, n = prompt.to(dev), prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 8)
-    step = torch.compile(model, fullgraph=True, options=dynamoq.compile_options())
-    out, times = [], []
-    with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(n, device=dev)).logits
-        tok = logits[:, -1:].argmax(-1)
-        for i in range(new_tokens):
+        import dynamoq
+        self.dev = next(model.parameters()).device
+        self.prompt, self.n = prompt.to(self.dev), prompt.shape[1]
+        self.cache = StaticCache(config=model.config, max_cache_len=self.n + new_tokens + 8)
+        self.model = model
+        self.compiled = torch.compile(model, fullgraph=True, options=dynamoq.compile_options())
+        self.tokens: list[int] = []
+        self.tok = None
+
+    def step(self) -> float:
+        sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
+        with torch.no_grad():
+            if self.tok is None:                  # the prompt, eager
+                logits = self.model(self.prompt, past_key_values=self.cache,
+                                    cache_position=torch.arange(self.n, device=self.dev)).logits
+                self.tok = logits[:, -1:].argmax(-1)
             sync()
             t0 = time.perf_counter()
-            logits = step(tok, past_key_values=cache, cache_position=torch.tensor([n + i], device=dev)).logits
-            tok = logits[:, -1:].argmax(-1)
+            at = torch.tensor([self.n + len(self.tokens)], device=self.dev)
+            logits = self.compiled(self.tok, past_key_values=self.cache, cache_position=at).logits
+            self.tok = logits[:, -1:].argmax(-1)
             sync()
-            times.append(time.perf_counter() - t0)
-            out.append(int(tok))
-    return 1 / statistics.median(times[min(warmup, len(times) - 1):]), out
+            seconds = time.perf_counter() - t0
+        self.tokens.append(int(self.tok))
+        return seconds
+
+
+def decode_rate(model, prompt, new_tokens: int, warmup: int = 3):
+    """prompt [1, T] -> (steady tokens/s of a Decoder: median over the steps after the first `warmup`,
+    which compile; the tokens generated)."""
+    import statistics
+    d = Decoder(model, prompt, new_tokens)
+    times = [d.step() for _ in range(new_tokens)]
+    return 1 / statistics.median(times[min(warmup, len(times) - 1):]), d.tokens
 
 
 def revision() -> str:
