@@ -4,6 +4,7 @@ reference model. Calibrate on 3 domains, evaluate on every domain's test split.
     python recipes/baseline.py                 # full run (real reference model)
     python recipes/baseline.py --model tiny --eval-tokens 1024 --calib-tokens 1024 --name baseline_smoke
     python recipes/baseline.py --rows frequency   # one row again, merged into the stored results
+    python recipes/baseline.py --group-size 192 --name baseline_g192 --rows oracle   # the oracle bound at g192
 """
 from __future__ import annotations
 
