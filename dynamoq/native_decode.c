@@ -175,27 +175,44 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Code rows are prefetched PREFETCH_BYTES ahead, rounded up to whole rows.
+static inline int64_t prefetch_ahead(int64_t row_bytes) { return (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes; }
+
+// The first min(left, 16) of 16 lanes.
+static inline __mmask16 first16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// Groups [g, g + 16) of row n of expert e (lanes m): their scales and zero points as float.
+static inline void group_scales(const job_t *j, int64_t e, int64_t n, int64_t g, __mmask16 m, __m512 *s16, __m512 *z16) {
+    const int64_t at = (e * j->N + n) * j->G + g;
+    *s16 = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, j->scale + at));
+    *z16 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, j->zero + at)));
+}
+
+// 2**offset of each plane of bit-width b (packing.PLANES); returns how many planes it has (1 or 2).
+static inline int plane_pow2(const job_t *j, int b, float pow2[2]) {
+    int i = 0;
+    for (; i < 2 && j->planes[(b * 2 + i) * 2 + 1]; i++) pow2[i] = (float)(1 << j->planes[(b * 2 + i) * 2]);
+    return i;
+}
+
 // Per row n of [nb, ne) of expert e, in buf [ROW_BLOCK][4][G16 + 16]: its scales as float, scale * zero,
 // and per plane scale * 2**offset.
 static void block_factors(const job_t *j, int64_t e, int b, int64_t nb, int64_t ne, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16;
+    float pow2[2];
+    const int planes = plane_pow2(j, b, pow2);
     for (int64_t n = nb; n < ne; n++) {
         float *sf = buf + (n - nb) * 4 * (G16 + 16), *sz = sf + (G16 + 16);
-        const uint16_t *sc = j->scale + (e * j->N + n) * G;
-        const uint8_t *z = j->zero + (e * j->N + n) * G;
         for (int64_t g = 0; g < G; g += 16) {
-            const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-            const __m512 s16 = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, sc + g));
-            const __m512 z16 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));
+            __m512 s16, z16;
+            group_scales(j, e, n, g, first16(G - g), &s16, &z16);
             _mm512_store_ps(sf + g, s16);
             _mm512_store_ps(sz + g, _mm512_mul_ps(s16, z16));
         }
-        for (int i = 0; i < 2; i++) {
-            const int off = j->planes[(b * 2 + i) * 2], w = j->planes[(b * 2 + i) * 2 + 1];
-            if (!w) break;
+        for (int i = 0; i < planes; i++) {
             float *fp = sz + (1 + i) * (G16 + 16);
-            const __m512 pow2 = _mm512_set1_ps((float)(1 << off));
-            for (int64_t g = 0; g < G16; g += 16) _mm512_store_ps(fp + g, _mm512_mul_ps(_mm512_load_ps(sf + g), pow2));
+            const __m512 p2 = _mm512_set1_ps(pow2[i]);
+            for (int64_t g = 0; g < G16; g += 16) _mm512_store_ps(fp + g, _mm512_mul_ps(_mm512_load_ps(sf + g), p2));
         }
     }
 }
@@ -206,10 +223,8 @@ static inline __m512 zero_lanes(const job_t *j, const float *sz, int64_t pair) {
     const int64_t G = j->G;
     const float *xsum = j->xsum + pair * G;
     __m512 zt = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g += 16) {
-        const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-        zt = _mm512_fnmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(m, xsum + g), zt);
-    }
+    for (int64_t g = 0; g < G; g += 16)
+        zt = _mm512_fnmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(first16(G - g), xsum + g), zt);
     return zt;
 }
 
@@ -245,7 +260,7 @@ static inline void store_rows(const job_t *j, const int R, const int P, const in
 static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, const int64_t *pairs,
                         int64_t np, int64_t n0, int64_t n1, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
-    const int64_t ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
+    const int64_t ahead = prefetch_ahead(row_bytes);
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
         block_factors(j, e, b, nb, ne, buf);
@@ -298,18 +313,15 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
 static void one_factors(const job_t *j, int64_t e, int b, int64_t pair, int64_t nb, int64_t ne, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16;
     const float *xs = j->xs + pair * (G + 16), *xsum = j->xsum + pair * G;
-    float pow2[2] = {0, 0};
-    int planes = 0;
-    for (; planes < 2 && j->planes[(b * 2 + planes) * 2 + 1]; planes++) pow2[planes] = (float)(1 << j->planes[(b * 2 + planes) * 2]);
+    float pow2[2];
+    const int planes = plane_pow2(j, b, pow2);
     for (int64_t n = nb; n < ne; n++) {
         float *f = buf + (n - nb) * ONE_ROW(G16);
-        const uint16_t *sc = j->scale + (e * j->N + n) * G;
-        const uint8_t *z = j->zero + (e * j->N + n) * G;
         __m512 zt = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; g += 16) {
-            const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-            const __m512 s16 = _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, sc + g));
-            const __m512 z16 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));
+            const __mmask16 m = first16(G - g);
+            __m512 s16, z16;
+            group_scales(j, e, n, g, m, &s16, &z16);
             zt = _mm512_fnmadd_ps(_mm512_mul_ps(s16, z16), _mm512_maskz_loadu_ps(m, xsum + g), zt);
             const __m512 sx = _mm512_mul_ps(s16, _mm512_maskz_loadu_ps(m, xs + g));
             for (int i = 0; i < planes; i++) _mm512_storeu_ps(f + i * (G16 + 16) + g, _mm512_mul_ps(sx, _mm512_set1_ps(pow2[i])));
@@ -322,7 +334,7 @@ static void one_factors(const job_t *j, int64_t e, int b, int64_t pair, int64_t 
 static void expert_rows_one(const job_t *j, int64_t e, int b, const uint8_t *codes_e, int64_t pair,
                             int64_t n0, int64_t n1, float *buf) {
     const int64_t G16 = (j->G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
-    const int64_t ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
+    const int64_t ahead = prefetch_ahead(row_bytes);
     const float *xs[MAX_P] = {NULL};                    // folded into the factors
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
@@ -417,7 +429,7 @@ static inline __attribute__((always_inline)) void unpack_row(const job_t *j, con
 
 // Rows [nb, ne) of q{b} (codes_e: the expert's) -> ub [rows][K] codes in input order.
 static void unpack_rows(const job_t *j, int b, const uint8_t *codes_e, int64_t nb, int64_t ne, uint8_t *ub) {
-    const int64_t K = j->K, row_bytes = K * b / 8, ahead = (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes;
+    const int64_t K = j->K, row_bytes = K * b / 8, ahead = prefetch_ahead(row_bytes);
     for (int64_t n = nb; n < ne; n++) {
         const uint8_t *row = codes_e + n * row_bytes;
         for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch((const char *)row + ahead + o, _MM_HINT_T1);

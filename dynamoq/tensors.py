@@ -39,7 +39,7 @@ _OPTIONAL = tuple(_CODE_NAMES + CACHE_NAMES)
 class _PackedWeight(TorchAOBaseTensor):
     tensor_data_names = ["scale", "zero"]
     tensor_attribute_names = ["expert_bits", "group_size", "transposed", "dtype"]
-    optional_tensor_data_names = _CODE_NAMES + CACHE_NAMES
+    optional_tensor_data_names = list(_OPTIONAL)
 
     def __new__(cls, scale, zero, expert_bits, group_size, transposed, dtype,
                 q2=None, q3=None, q4=None, q6=None, q8=None,

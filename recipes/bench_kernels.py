@@ -392,9 +392,7 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
         for label in labels:
             model = make()
             if label in E2E_BF16:
-                for c in {id(model.config): model.config, **{id(b.experts.config): b.experts.config
-                                                             for b in dynamoq.moe_blocks(model)}}.values():
-                    c._experts_implementation = E2E_BF16[label]
+                model.set_experts_implementation(E2E_BF16[label])
             else:
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
