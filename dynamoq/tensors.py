@@ -61,10 +61,13 @@ class _PackedWeight(TorchAOBaseTensor):
     def __tensor_flatten__(self):
         # torchao's generic version (hasattr / getattr on the tensor) took ~4 us, and torch.compile calls it
         # twice per packed weight on every call of a compiled model (guards) and once more to unwrap it
+        # (dynamo's metadata guard compares the second part; with "present" it also covers the first, so
+        # kernels.guard_filter can drop dynamo's separate guard on the names)
         d = self.__dict__                  # (self.dtype alone, a property of a subclass, costs ~2.4 us)
-        return ["scale", "zero"] + [n for n in _OPTIONAL if d[n] is not None], {
+        present = tuple(n for n in _OPTIONAL if d[n] is not None)
+        return ["scale", "zero", *present], {
             "expert_bits": d["expert_bits"], "group_size": d["group_size"], "transposed": d["transposed"],
-            "dtype": d["_dtype"]}
+            "dtype": d["_dtype"], "present": present}
 
     @staticmethod
     def _logical_shape(e, n, k, transposed):

@@ -149,7 +149,7 @@ def test_compile_options_are_accepted_and_keep_the_result(decode_mode):
     assert torch.allclose(f(t, x, ids), _reference(t, x, ids, decode_mode), atol=1e-3, rtol=1e-3)
 
 
-def _block(bits, cache=0):
+def _block(bits, cache=0, g=32):
     """A tiny OLMoE MoE block (8 experts, top-2) with packed experts and the dynamoq implementation."""
     import transformers.models.olmoe.modeling_olmoe as mo
     cfg = AutoConfig.for_model("olmoe", hidden_size=128, intermediate_size=64, num_experts=8, num_experts_per_tok=2)
@@ -158,7 +158,7 @@ def _block(bits, cache=0):
     for name in ("gate_up_proj", "down_proj"):
         w = getattr(blk.experts, name).data.normal_(0, 0.05)
         cols = torch.stack([torch.randperm(w.shape[-1])[:cache].sort().values for _ in bits]) if cache else None
-        q = DynaMoExperts.from_float(w, bits, 32, cache_idx=cols)
+        q = DynaMoExperts.from_float(w, bits, g, cache_idx=cols)
         setattr(blk.experts, name, torch.nn.Parameter(q, requires_grad=False))
     blk.experts.config._experts_implementation = "dynamoq"
     return blk
@@ -191,7 +191,7 @@ def test_unbacked_token_count_one_graph_and_switching_does_not_recompile(decode_
     blk = _block(MIXED, cache=4)
     torch._dynamo.reset()
     counters.clear()
-    f = torch.compile(blk, fullgraph=True)
+    f = torch.compile(blk, fullgraph=True, options=kernels.compile_options())    # with its guard filter
     with torch.no_grad():
         for step, tokens in enumerate((1, 3, 24, 6)):
             if step == 2:
@@ -203,6 +203,36 @@ def test_unbacked_token_count_one_graph_and_switching_does_not_recompile(decode_
             assert _graphs() == 1
     assert sum(counters["graph_break"].values()) == 0
     assert blk.experts.gate_up_proj.cache_delta.abs().sum() > 0
+
+
+def test_guard_filter_drops_implied_guards_and_a_new_layout_still_recompiles(decode_mode):
+    """compile_options' guard filter drops only guards a packed weight's metadata implies (its inner tensors'
+    and attributes'); the metadata guard stays, so a weight of other bit-widths, another group size or with
+    a switching cache put in its place recompiles and gives that weight's result."""
+    blk = _block(MIXED)
+    kept = {}
+
+    def record(entries):
+        keep = kernels.guard_filter(entries)
+        kept.update((e.name, k) for e, k in zip(entries, keep))
+        return keep
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(blk, fullgraph=True, options={**kernels.compile_options(), "guard_filter_fn": record})
+    x = torch.randn(1, 3, 128)
+    with torch.no_grad():
+        assert _close(f(x), blk(x), decode_mode)
+        dropped = {n for n, k in kept.items() if not k}
+        for name in ("gate_up_proj", "down_proj"):
+            w = f"_parameters['{name}']"
+            assert {f"{w}.scale", f"{w}.zero", f"{w}.q2", f"{w}.expert_bits"} <= {n[n.rfind("_parameters"):] for n in dropped}
+            assert any(n.endswith(w) and k for n, k in kept.items())       # the weight's own guards stay
+        assert all("_parameters['gate_up_proj']" in n or "_parameters['down_proj']" in n for n in dropped)
+        for graphs, other in enumerate([_block((4,) * 8), _block(MIXED, g=64), _block(MIXED, cache=4)], 2):
+            for name in ("gate_up_proj", "down_proj"):
+                setattr(blk.experts, name, getattr(other.experts, name))
+            assert _close(f(x), other(x), decode_mode)
+            assert _graphs() == graphs
 
 
 def _bench():
