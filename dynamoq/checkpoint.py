@@ -162,7 +162,7 @@ def describe_tensor(fqn: str, t: _PackedWeight) -> dict:
     return {
         "type": type(t).__name__,
         "shape": list(t.shape),
-        "attributes": {k: _encode(v, f"{fqn}.{k}") for k, v in attrs.items()},
+        "attributes": {k: _encode(attrs[k], f"{fqn}.{k}") for k in _attribute_names(type(t))},
         "parts": {p: {"dtype": _dtype_name(getattr(t, p).dtype), "shape": list(getattr(t, p).shape)}
                   for p in parts},
     }
