@@ -609,7 +609,9 @@ static void quantize_x(const job_t *j, const void *x, int x_bf16, int lanes, int
 }
 
 // Scratch memory kept from call to call, per thread (the caller's and each OpenMP worker's): memory fresh
-// from the OS costs a page fault per 4 KB, which took a fifth of a 128-token layer. Never shrinks.
+// from the OS costs a page fault per 4 KB, which took a fifth of a 128-token layer. Never shrinks. Zero when
+// new: the padding of the row factors (block_factors) is read but never written, and must not be NaN; what
+// a call leaves there is finite and only ever meets int32 sums of masked-out (zero) code bytes.
 typedef struct { void *p; size_t size; } keep_t;
 static void *kept(keep_t *k, size_t need) {
     if (k->size < need) {
@@ -617,6 +619,7 @@ static void *kept(keep_t *k, size_t need) {
         need = (need + 4095) / 4096 * 4096;
         k->p = aligned_alloc(64, need);
         k->size = k->p ? need : 0;
+        if (k->p) memset(k->p, 0, need);
     }
     return k->p;
 }
@@ -699,7 +702,6 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
             #pragma omp atomic write
             failed = 1;
         } else {
-            memset(buf, 0, sizeof(float) * ROW_BLOCK * 4 * (G16 + 16));
 #ifdef DYNAMOQ_AMX
             if (amx) amx_begin();
 #endif

@@ -60,7 +60,7 @@ class Target:
 
 def _dense_targets(module: nn.Module, prefix: str, bits: int | None, linear_only: bool = False) -> list[Target]:
     """Linear weights, and unless linear_only 3D expert-like parameters (e.g. Inkling's shared experts), of a
-    dense part. (Attention is linear_only: a linear attention's 3D weights are short convolutions.)"""
+    dense part."""
     if bits is None:
         return []
     out = []
@@ -75,12 +75,17 @@ def _dense_targets(module: nn.Module, prefix: str, bits: int | None, linear_only
     return out
 
 
+def _attention_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Target]:
+    """An attention's projections (nn.Linear only: a linear attention's 3D weights are short convolutions)."""
+    return _dense_targets(module, fqn, config.attention_bits, linear_only=True)
+
+
 def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Target]:
     """What the handler will quantize in one module that moe_filter passed."""
     block = adapters.as_block(module, fqn)
     if block is None:
         if adapters.is_attention(module, fqn):
-            return _dense_targets(module, fqn, config.attention_bits, linear_only=True)
+            return _attention_targets(module, fqn, config)
         bits = config.shared_bits if adapters.is_shared_expert(module, fqn) else config.dense_bits
         return _dense_targets(module, fqn, bits)
     if block.adapter.refusal:
@@ -103,7 +108,7 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
         if adapters.is_dense_mlp(child, f"{fqn}.{name}"):
             out += _dense_targets(child, f"{fqn}.{name}", config.dense_bits)
         elif adapters.is_attention(child, f"{fqn}.{name}"):
-            out += _dense_targets(child, f"{fqn}.{name}", config.attention_bits, linear_only=True)
+            out += _attention_targets(child, f"{fqn}.{name}", config)
     return out
 
 
