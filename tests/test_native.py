@@ -3,6 +3,7 @@ times x as it quantizes it, close to fp32 x, every width and layout, threads, an
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,42 @@ def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
     assert not native.supports(t.expert_bits, 16, 64) and native.supports((2, 4), 16, 64)
     assert not kernels.use_native(t, x)
     assert torch.allclose(kernels.expert_linear(t, x, ids), _dense(t, x, ids), atol=1e-4, rtol=1e-4)
+
+
+def _huge_kb(addr: int) -> int:
+    """AnonHugePages (kB) of the mapping that holds addr, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_the_weights_it_reads_move_to_huge_pages_once_and_keep_their_values():
+    """The first call reading a weight asks Linux for huge pages under it (once per buffer; values kept);
+    DYNAMOQ_HUGE_PAGES=0 turns it off."""
+    torch.manual_seed(0)
+    t = DynaMoExperts.from_float(torch.randn(8, 1024, 4096), (2,) * 8, 128)     # q2: 8 MB, 3 aligned 2 MB pages
+    x, ids = torch.randn(2, 4096), torch.tensor([1, 6])
+    codes = t.q2.clone()
+    key = (t.q2.data_ptr(), t.q2.numel())
+    assert key not in native._collapsed
+    y = _run(t, x, ids)
+    assert key in native._collapsed and torch.equal(t.q2, codes)
+    assert not native.huge_pages(t.q2)                      # once per buffer
+    assert torch.equal(_run(t, x, ids), y)
+    fresh = torch.ones(8 << 20, dtype=torch.uint8)
+    if not native.huge_pages(fresh):
+        pytest.skip("Linux refused MADV_COLLAPSE here (Linux < 6.1, or THP off): the weights stay in 4 KB pages")
+    assert _huge_kb(fresh.data_ptr() + (4 << 20)) >= 2048 and int(fresh.sum()) == 8 << 20
+    off = subprocess.run([sys.executable, "-c", "import torch; from dynamoq import native; "
+                          "print('MOVED', native.huge_pages(torch.ones(8 << 20, dtype=torch.uint8)))"],
+                         capture_output=True, text=True, env={**os.environ, "DYNAMOQ_HUGE_PAGES": "0"})
+    assert "MOVED False" in off.stdout, off.stderr
 
 
 def _probe(env) -> subprocess.CompletedProcess:
