@@ -85,6 +85,7 @@ SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")  # inside the b
 EXPERTS_NAMES = ("experts",)
 DENSE_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
+HEAD_NAMES = ("lm_head",)                                         # the output projection to the vocabulary
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
@@ -151,6 +152,12 @@ def is_attention(module: nn.Module, fqn: str) -> bool:
     are nn.Linear children (q/k/v/o, or MLA's low-rank ones)."""
     return ((fqn.rsplit(".", 1)[-1] in ATTENTION_NAMES or type(module).__name__.endswith("Attention"))
             and experts_of(module) is None and any(isinstance(c, nn.Linear) for c in module.children()))
+
+
+def is_output_head(module: nn.Module, fqn: str) -> bool:
+    """The language-model head: the nn.Linear from hidden states to the vocabulary (often tied to the input
+    embeddings)."""
+    return isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] in HEAD_NAMES
 
 
 def is_shared_expert(module: nn.Module, fqn: str) -> bool:

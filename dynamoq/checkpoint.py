@@ -370,6 +370,7 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
         dense += [p.bits for p in mlp.parameters() if isinstance(p, SwitchableLinear)]
     attention = [p.bits for a in adapters.attentions(model).values() for p in a.parameters()
                  if isinstance(p, SwitchableLinear)]
+    head = getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None)
     group = _unique(m["attributes"]["group_size"] for m in modules.values() if "group_size" in m["attributes"])
     # the experts' own config (the text config of a composite model) says which implementation runs them
     configs = [getattr(b.experts, "config", None) for b in blocks if b.adapter.fused] + [getattr(model, "config", None)]
@@ -388,6 +389,7 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
         "dynamoq_version": _version(),
         "config": {"expert_bits": expert_bits, "group_size": group, "shared_bits": _unique(shared),
                    "dense_bits": _unique(dense), "attention_bits": _unique(attention),
+                   "lm_head_bits": head.bits if isinstance(head, SwitchableLinear) else None,
                    "experts_implementation": impl},
         "expert_bits": expert_bits,
         "group_size": group,
@@ -960,7 +962,8 @@ class DynamoqConfig(QuantizationConfigMixin):
         return DynaMoConfig(expert_bits={int(k): list(v) for k, v in (c.get("expert_bits") or {}).items()} or None,
                             bits=None if c.get("expert_bits") else 4, group_size=c.get("group_size") or 128,
                             shared_bits=c.get("shared_bits"), dense_bits=c.get("dense_bits"),
-                            attention_bits=c.get("attention_bits"), experts_implementation=c.get("experts_implementation"))
+                            attention_bits=c.get("attention_bits"), lm_head_bits=c.get("lm_head_bits"),
+                            experts_implementation=c.get("experts_implementation"))
 
 
 class DynamoqDeserialize(ConversionOps):
@@ -1206,6 +1209,8 @@ def _save_pretrained(original, model, *args, **kwargs):
         return None
     push_to_hub = named.pop("push_to_hub", False)
     state_dict = named.pop("state_dict", None)
+    from .quantize import untie_packed
+    untie_packed(model)        # a head packed through torchao's quantize_ alone: tied, loading would replace it
     flat, modules = flatten_state_dict(state_dict if state_dict is not None else model.state_dict())
     qc = DynamoqConfig(**quantization_config_dict(model, modules))
     with atomic_directory(save_directory) as tmp:

@@ -204,7 +204,7 @@ def _bits_or_keep(v: str) -> int | None:
 
 def _other_bits(args) -> dict:
     """The bit-widths of the weights beside the routed experts (DynaMoConfig fields)."""
-    return {f"{part}_bits": getattr(args, f"{part}_bits") for part in ("shared", "dense", "attention")}
+    return {f"{part}_bits": getattr(args, f"{part}_bits") for part in ("shared", "dense", "attention", "lm_head")}
 
 
 def _check_reference_group_size(group_size: int) -> None:
@@ -374,7 +374,7 @@ def cmd_quantize(args) -> int:
     if report["cache_bytes"]:
         print(f"switching cache: {report['cache_bytes']:,} bytes ({report['cache_bits']:.3f} bits per expert weight)")
     if report["other"]:
-        print(f"shared experts, dense layers and attention: {report['other_bytes']:,} bytes in "
+        print(f"shared experts, dense layers, attention and head: {report['other_bytes']:,} bytes in "
               f"{len(report['other'])} weights")
     print(f"output: relative logit error {result['relative_logit_error']:.4f}, "
           f"top-1 agreement {100 * result['top1_agreement']:.1f}% on {probe}  ({seconds:.2f} s to quantize)")
@@ -569,7 +569,7 @@ def cmd_inspect(args) -> int:
         text.append(f"expert bytes: {report['bytes']:,}; switching cache: {report['cache_bytes']:,} bytes "
                     f"({report['cache_bits']:.3f} bits per expert weight)")
         if report["other"]:
-            text.append(f"shared experts, dense layers and attention: {report['other_bytes']:,} bytes in "
+            text.append(f"shared experts, dense layers, attention and head: {report['other_bytes']:,} bytes in "
                         f"{len(report['other'])} weights")
     _emit(args, result, text)
     return 0
@@ -691,8 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or DynaMo's allocation with --data/--analysis)")
     q.add_argument("--group-size", type=int, default=64)
     for part, default, what in (("shared", 8, "shared experts"), ("dense", None, "dense MLP layers"),
-                                ("attention", None, "attention projections")):
-        q.add_argument(f"--{part}-bits", type=_bits_or_keep, default=default, metavar="{2,3,4,6,8,keep}",
+                                ("attention", None, "attention projections"),
+                                ("lm_head", None, "output head (untied from the embeddings)")):
+        q.add_argument(f"--{part.replace('_', '-')}-bits", type=_bits_or_keep, default=default, metavar="{2,3,4,6,8,keep}",
                        help=f"bits of the {what} (default: {default or 'keep'}; keep: left as they are)")
     _data_options(q)
     q.add_argument("--analysis", metavar="DIR", help="an analysis saved by `dynamoq analyze` (instead of --data)")

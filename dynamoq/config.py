@@ -40,6 +40,9 @@ class DynaMoConfig(AOBaseConfig):
       shared_bits:  shared experts (None keeps them); dense_bits: dense MLP layers (None keeps them);
       attention_bits: the attention projections (None keeps them; 8 is near lossless and, on CPUs with
                     the native kernel, faster than 16-bit weights at decode).
+      lm_head_bits: the output head (None keeps it). Decode reads all of it every token (vocabulary x
+                    hidden); tied to the input embeddings, it is untied: the embeddings keep their 16 bits
+                    and config.tie_word_embeddings becomes False, so a saved checkpoint keeps both.
     Switching:
       cache_fraction: share of each expert's input channels kept in 16-bit for run-time switching
                     (dynamoq.adapt_), chosen from the analysis; 0 keeps no cache. Needs an analysis.
@@ -55,6 +58,7 @@ class DynaMoConfig(AOBaseConfig):
     shared_bits: int | None = 8
     dense_bits: int | None = None
     attention_bits: int | None = None
+    lm_head_bits: int | None = None
     experts_implementation: str | None = "dynamoq"
     analysis: Any = None
     datasets: Mapping[str, Any] | None = None
@@ -74,7 +78,7 @@ class DynaMoConfig(AOBaseConfig):
     cache_projections: str = "input"
 
     def __post_init__(self):
-        for b in (self.bits, self.shared_bits, self.dense_bits, self.attention_bits):
+        for b in (self.bits, self.shared_bits, self.dense_bits, self.attention_bits, self.lm_head_bits):
             if b is not None:
                 check_bits(b)
         for layer, bits in (self.expert_bits or {}).items():

@@ -211,12 +211,14 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                    act_order: bool = False, balanced: bool = True, batch_size: int = 8,
                    progress: bool = True) -> dict:
     """GPTQ for the fused-expert targets and the nn.Linear weights of shared experts and dense MLPs,
-    round-to-nearest for the rest, decoder layer by layer."""
+    round-to-nearest for the rest (the output head too), decoder layer by layer."""
     blocks = {b.layer: b for b in adapters.moe_blocks(model)}
     layers = adapters.decoder_layers(model)
     by_layer: dict[int, list] = {}
+    heads = [t for t in targets if adapters.is_output_head(t.owner, t.fqn.removesuffix(".weight"))]
     for t in targets:
-        by_layer.setdefault(adapters.layer_index(t.fqn), []).append(t)
+        if not any(t is h for h in heads):
+            by_layer.setdefault(adapters.layer_index(t.fqn), []).append(t)
     report = {"fallback_rtn": [], "balanced_hessian": [], "damping": {}}
     inputs = _layer_inputs(model, layers, windows, batch_size)
     for i in tqdm(range(len(layers)), desc="GPTQ", unit="layer", disable=not progress):
@@ -289,4 +291,6 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
         if i + 1 < len(layers):                  # the next layer's inputs, through this layer quantized
             with dequantized_once():
                 inputs = _run(layers[i], inputs)
+    for t in heads:
+        t.apply(group_size)
     return report

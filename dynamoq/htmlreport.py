@@ -183,7 +183,7 @@ def _bytes_section(run: dict) -> str:
     rows += [["routed experts, 16-bit", _bytes(half)],
              ["routed experts, quantized (codes + scales + zeros)", _bytes(q)],
              ["switching cache", _bytes(cache)],
-             ["shared experts and dense layers, quantized", _bytes(rep.get("other_bytes"))]]
+             ["shared experts, dense layers, attention and head, quantized", _bytes(rep.get("other_bytes"))]]
     if half and q is not None:
         saved = half - q - cache
         rows.append(["<b>saved on routed experts against 16-bit</b>",

@@ -84,6 +84,8 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
     """What the handler will quantize in one module that moe_filter passed."""
     block = adapters.as_block(module, fqn)
     if block is None:
+        if adapters.is_output_head(module, fqn):
+            return _dense_targets(module, fqn, config.lm_head_bits)
         if adapters.is_attention(module, fqn):
             return _attention_targets(module, fqn, config)
         bits = config.shared_bits if adapters.is_shared_expert(module, fqn) else config.dense_bits
@@ -113,10 +115,11 @@ def module_targets(module: nn.Module, fqn: str, config: DynaMoConfig) -> list[Ta
 
 
 def moe_filter(module: nn.Module, fqn: str) -> bool:
-    """torchao filter: True for MoE blocks, shared experts, dense MLP layers and attention (it records
-    the module's name, which the handler needs to know the decoder layer)."""
+    """torchao filter: True for MoE blocks, shared experts, dense MLP layers, attention and the output head (it
+    records the module's name, which the handler needs to know the decoder layer)."""
     if (adapters.experts_of(module) is not None or adapters.is_dense_mlp(module, fqn)
-            or adapters.is_shared_expert(module, fqn) or adapters.is_attention(module, fqn)):
+            or adapters.is_shared_expert(module, fqn) or adapters.is_attention(module, fqn)
+            or adapters.is_output_head(module, fqn)):
         module.__dict__[_FQN] = fqn
         return True
     return False
@@ -145,6 +148,25 @@ def _set_experts_implementation(model: nn.Module, config: DynaMoConfig) -> None:
     for block in adapters.moe_blocks(model):
         if config.experts_implementation and hasattr(block.experts, "has_gate"):
             block.experts.config._experts_implementation = config.experts_implementation
+
+
+def untie_packed(model: nn.Module) -> None:
+    """A packed output head is no longer the input embeddings: the model's tie_word_embeddings (and its text
+    config's) becomes False and transformers' tying table drops it, so neither tie_weights() nor saving and
+    loading puts the 16-bit embeddings back in its place."""
+    packed = {name for name, p in model.named_parameters(remove_duplicate=False) if isinstance(p, _PackedWeight)}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None or not isinstance(getattr(head, "weight", None), _PackedWeight):
+        return
+    config = getattr(model, "config", None)
+    for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    for prefix, m in model.named_modules():
+        keys = getattr(m, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            pre = f"{prefix}." if prefix else ""
+            m.all_tied_weights_keys = {k: v for k, v in keys.items() if f"{pre}{k}" not in packed}
 
 
 def _record_usage(model: nn.Module, analysis) -> None:
@@ -224,6 +246,7 @@ def quantize_(model: nn.Module, config: DynaMoConfig, filter_fn=None, device=Non
         else:
             _torchao_quantize_(model, config, filter_fn=filter_fn or moe_filter, device=device)
         _record_usage(model, config.analysis)
+        untie_packed(model)
     except BaseException:
         for m, params in before:
             m._parameters.clear()

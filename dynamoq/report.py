@@ -35,7 +35,7 @@ def bits_report(model: nn.Module, analysis=None) -> dict:
     (codes, scales and zeros); usage_bits: the same weighted by how often the analysis saw each
     expert routed (None without an analysis); bytes: bytes of packed routed-expert storage;
     cache_bytes / cache_bits: the switching cache, in bytes and in bits per routed-expert weight;
-    other: shared experts, dense layers and attention, per weight."""
+    other: shared experts, dense layers, attention and the output head, per weight."""
     experts, nbytes, nweights, usage_num, usage_den, cache = {}, 0, 0, 0.0, 0.0, 0
     blocks = adapters.moe_blocks(model)
     usage = analysis.usage() if analysis is not None else {

@@ -7,7 +7,7 @@ they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage b
 native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
 AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
-and the attention at 8 bits) against bf16 with grouped_mm and with batched_mm, with its perplexity
+and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with batched_mm, with its perplexity
 through the decode path (on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4
 layers, random weights).
 
@@ -353,6 +353,7 @@ def e2e_model(which: str):
 E2E_LAYERS = 4
 E2E_WARMUP = 3             # first decode steps of each variant, which compile, left out of the median
 ATTENTION_8 = "dynamoq mixed 2/4/6/8, 8-bit attention"   # the attention projections packed too (SwitchableLinear)
+HEAD_8 = "dynamoq mixed 2/4/6/8, 8-bit attention and head"   # and the output head (lm_head_bits=8, untied)
 # bf16 with each transformers experts implementation that decodes fast: grouped_mm (its default on CPU, which
 # runs every expert's matmul, routed or not) and batched_mm (only the routed ones'); "vs bf16" is against the faster
 E2E_BF16 = {"bf16 grouped_mm": "grouped_mm", "bf16 batched_mm": "batched_mm"}
@@ -384,7 +385,7 @@ def decode_perplexity(model, ids) -> float:
 
 def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     """Greedy decode, one token per step with a static cache, compiled decode step; bf16 against DynaMo
-    mixed (~3 storage bits; also with 8-bit attention) and uniform 4-bit experts (group 64); appends to rows."""
+    mixed (~3 storage bits; also with 8-bit attention, and with the head at 8 bits too) and uniform 4-bit experts (group 64); appends to rows."""
     got = e2e_model(args.e2e_model)
     if got is None:
         notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
@@ -400,7 +401,7 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     for threads in args.threads:
         if threads:
             torch.set_num_threads(threads)
-        labels = [*E2E_BF16, "dynamoq mixed 2/4/6/8", ATTENTION_8, "dynamoq 4-bit"]
+        labels = [*E2E_BF16, "dynamoq mixed 2/4/6/8", ATTENTION_8, HEAD_8, "dynamoq 4-bit"]
         if DEVICE.type == "cpu" and dynamoq.native.available():
             labels.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         torch._dynamo.reset()
@@ -413,7 +414,8 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
                 layers = {b.layer: b.num_experts for b in dynamoq.moe_blocks(model)}
                 bits = {layer: (mixed_bits(e, seed=layer) if "mixed" in label else [4] * e) for layer, e in layers.items()}
                 dynamoq.quantize_(model, dynamoq.DynaMoConfig(expert_bits=bits, group_size=64,
-                                                              attention_bits=8 if label == ATTENTION_8 else None),
+                                                              attention_bits=8 if label in (ATTENTION_8, HEAD_8) else None,
+                                                              lm_head_bits=8 if label == HEAD_8 else None),
                                   progress=False)
             models[label] = huge_pages(model)
         # interleaved, one step of each variant in turn, so that the machine's drift meets them all alike

@@ -119,13 +119,15 @@ def test_analysis_of_another_model_and_torchao_gptq_are_refused():
         DynaMoConfig(bits=3, quantizer="gptq")
 
 
-def test_gptq_serves_shared_experts_and_dense_layers():
+def test_gptq_serves_shared_experts_and_dense_layers_and_the_head_takes_rtn():
     m = build("deepseek_v3")                     # dense layer 0, MoE layer 1 with shared experts
     calls = experts_calls(m, torch.randint(0, 128, (2, 16)))
     ref = m.model.layers[0].mlp.gate_proj.weight.detach().clone()
     data = _data(m)
+    head = m.lm_head.weight.detach().clone()
     dynamoq.quantize_(m, DynaMoConfig(bits=3, datasets=data, quantizer="gptq", shared_bits=3, dense_bits=3,
-                                      group_size=32), progress=False)
+                                      lm_head_bits=8, group_size=32), progress=False)
+    assert torch.equal(m.lm_head.weight.dequantize(), dequantize(*quantize_rtn(head, 8, 32)))   # the head: RTN
     w = m.model.layers[0].mlp.gate_proj.weight
     assert w.bits == 3
     rtn = dequantize(*quantize_rtn(ref, 3, 32))

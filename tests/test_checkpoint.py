@@ -152,6 +152,48 @@ def test_quantization_config_describes_everything_needed_to_rebuild(tmp_path):
     assert_same(again, loaded)
 
 
+def test_a_packed_head_is_untied_from_the_embeddings_and_stays_so_through_save_and_load(tmp_path):
+    """lm_head_bits on a model whose head is its input embeddings: the head is packed, the embeddings keep
+    their weights, tie_word_embeddings becomes False (tie_weights() and from_pretrained do not re-tie it)."""
+    from transformers import AutoModelForCausalLM
+
+    from families import tiny_config
+    cfg = tiny_config("mixtral")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    emb = m.model.embed_tokens.weight
+    assert m.lm_head.weight is emb
+    x = tokens(m)
+    with torch.no_grad():
+        ref = m(x).logits
+    dynamoq.quantize_(m, DynaMoConfig(bits=4, lm_head_bits=8, group_size=32))
+    assert isinstance(m.lm_head.weight, SwitchableLinear) and m.lm_head.weight.bits == 8
+    assert m.model.embed_tokens.weight is emb and not m.config.tie_word_embeddings
+    m.tie_weights()
+    assert isinstance(m.lm_head.weight, SwitchableLinear)
+    with torch.no_grad():
+        out = m(x).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 0.1
+    assert dynamoq.bits_report(m)["other"]["lm_head.weight"]["bits"] == 8
+    m.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())
+    assert qc["tie_word_embeddings"] is False and qc["quantization_config"]["config"]["lm_head_bits"] == 8
+    loaded = from_pretrained(tmp_path)
+    assert isinstance(loaded.lm_head.weight, SwitchableLinear) and not isinstance(loaded.model.embed_tokens.weight,
+                                                                                 SwitchableLinear)
+    assert torch.equal(loaded.model.embed_tokens.weight, emb)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, out)
+    assert loaded.config.quantization_config.to_dynamo_config().lm_head_bits == 8
+    # through torchao's quantize_ (the handler sees the head alone): saving unties it
+    import torchao
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    torchao.quantization.quantize_(m, DynaMoConfig(bits=4, lm_head_bits=8, group_size=32), filter_fn=dynamoq.moe_filter)
+    m.save_pretrained(tmp_path / "torchao")
+    assert isinstance(from_pretrained(tmp_path / "torchao").lm_head.weight, SwitchableLinear)
+
+
 def test_loaded_model_saves_again_and_other_files_survive(tmp_path):
     d = tmp_path / "ckpt"
     m = quantized("mixtral")

@@ -202,6 +202,8 @@ def test_quantize_attention_and_shared_bits(capsys):
     res = run_json(capsys, "quantize", "--builtin", "--attention-bits", "8", "--shared-bits", "keep", "-q")
     assert res["config"]["attention_bits"] == 8 and res["config"]["shared_bits"] is None
     assert res["other_bytes"] > 0 and 0 < res["relative_logit_error"] < 0.5
+    head = run_json(capsys, "quantize", "--builtin", "--attention-bits", "8", "--lm-head-bits", "8", "-q")
+    assert head["config"]["lm_head_bits"] == 8 and head["other_bytes"] > res["other_bytes"]
     assert run_json(capsys, "quantize", "--builtin", "-q")["other_bytes"] == 0     # the builtin has no shared experts
 
 
