@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -230,29 +231,60 @@ def huge_pages(t: torch.Tensor) -> bool:
     return hi > lo and madvise is not None and madvise(lo, hi - lo, _MADV_COLLAPSE) == 0
 
 
+class _Plan:
+    """What the kernel needs of one packed weight besides x and ids, made on its first call: a decode step
+    calls the kernel twice per layer, and making these each time cost ~8 us of Python a call."""
+
+    def __init__(self, codes, expert_bits, scale, zero, group_size):
+        self.e, self.n, g = scale.shape
+        self.k = g * group_size
+        self.bits = list(expert_bits)
+        self.codes = list(codes)                                 # compared by identity
+        self.scale, self.zero = weakref.ref(scale), zero         # (a strong scale would keep the plan alive)
+        widths = tuple(sorted(set(expert_bits)))
+        keep = [c.contiguous() for c in codes] + [zero.contiguous()]
+        sc = scale.contiguous()
+        base, stride = (ctypes.c_int64 * 9)(), (ctypes.c_int64 * 9)()
+        for b, c in zip(widths, keep):
+            base[b], stride[b] = c.data_ptr(), c.stride(0)
+        for t in (*keep, sc):
+            huge_pages(t)
+        meta = _expert_meta(tuple(expert_bits))
+        tables = _lane_tables(self.k, group_size, widths)
+        self.keep = (keep, meta, tables, sc if sc is not scale else None)
+        self.args = (meta.data_ptr(), base, stride, _planes().data_ptr(), tables[1], packing.lanes(group_size),
+                     sc.data_ptr(), keep[-1].data_ptr())
+
+    def fits(self, codes, expert_bits, scale, zero) -> bool:
+        return (self.scale() is scale and self.zero is zero and len(codes) == len(self.codes)
+                and all(a is b for a, b in zip(codes, self.codes)) and self.bits == expert_bits)
+
+
+_plans: dict[int, _Plan] = {}        # by id(scale); dropped when the scale is freed
+
+
+def _plan(codes, expert_bits, scale, zero, group_size) -> _Plan:
+    p = _plans.get(id(scale))
+    if p is None or not p.fits(codes, expert_bits, scale, zero):
+        p = _plans[id(scale)] = _Plan(codes, expert_bits, scale, zero, group_size)
+        weakref.finalize(scale, _plans.pop, id(scale), None)
+    return p
+
+
 def _native_decode(x: torch.Tensor, ids: torch.Tensor, codes: list[torch.Tensor], expert_bits: list[int],
                   scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [S, K], ids [S] expert of each pair, codes: the packed q{b} [E_b, N, K * b / 8] of each width
     present (ascending), scale / zero [E, N, G] -> y [S, N] fp32 (sum_k scale * (q - zero) * x, x in int8)."""
     s_, k = x.shape
-    e_, n, _ = scale.shape
+    p = _plan(codes, expert_bits, scale, zero, group_size)
+    if k != p.k:
+        raise ValueError(f"native_decode: x has {k} inputs, the weight {p.k}")
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
     x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
-    widths = tuple(sorted(set(expert_bits)))
-    codes = [c.contiguous() for c in codes]
-    base, stride = (ctypes.c_int64 * 9)(), (ctypes.c_int64 * 9)()
-    for b, c in zip(widths, codes):
-        base[b], stride[b] = c.data_ptr(), c.stride(0)
-    scale, zero = scale.contiguous(), zero.contiguous()
-    for t in (*codes, scale, zero):
-        huge_pages(t)
-    _, tables = _lane_tables(k, group_size, widths)
-    y = torch.empty(s_, n, dtype=torch.float32)
-    rc = _lib().dynamoq_decode(s_, n, k, group_size, e_, x.data_ptr(), x.dtype == torch.bfloat16, ids.data_ptr(),
-                               _expert_meta(tuple(expert_bits)).data_ptr(), base, stride, _planes().data_ptr(),
-                               tables, packing.lanes(group_size), scale.data_ptr(), zero.data_ptr(), y.data_ptr(),
-                               torch.get_num_threads())
+    y = torch.empty(s_, p.n, dtype=torch.float32)
+    rc = _lib().dynamoq_decode(s_, p.n, k, group_size, p.e, x.data_ptr(), x.dtype == torch.bfloat16, ids.data_ptr(),
+                               *p.args, y.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("dynamoq native decode: could not allocate its scratch memory")
     return y

@@ -108,6 +108,25 @@ def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
     assert torch.allclose(kernels.expert_linear(t, x, ids), _dense(t, x, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_a_weight_s_call_plan_is_made_once_checked_every_call_and_dropped_with_the_weight():
+    import gc
+    torch.manual_seed(0)
+    t = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 32)
+    x, ids = torch.randn(2, 64), torch.tensor([0, 2])
+    y = _run(t, x, ids)
+    plan = native._plans[id(t.scale)]
+    assert torch.equal(_run(t, x, ids), y) and native._plans[id(t.scale)] is plan
+    other = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 32)
+    assert torch.allclose(_run(other, x, ids), _dense(other, native.rounded_x(x, 32), ids), rtol=1e-5, atol=1e-5)
+    assert native._plans[id(other.scale)] is not plan
+    with pytest.raises(ValueError, match="x has 32 inputs, the weight 64"):
+        _run(t, torch.randn(2, 32), ids)
+    key = id(other.scale)
+    del other
+    gc.collect()
+    assert key not in native._plans
+
+
 def _huge_kb(addr: int) -> int:
     """AnonHugePages (kB) of the mapping that holds addr, from /proc/self/smaps."""
     inside = False
