@@ -693,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     for part, default, what in (("shared", 8, "shared experts"), ("dense", None, "dense MLP layers"),
                                 ("attention", None, "attention projections"),
                                 ("lm_head", None, "output head (untied from the embeddings)")):
-        q.add_argument(f"--{part.replace('_', '-')}-bits", type=_bits_or_keep, default=default, metavar="{2,3,4,6,8,keep}",
+        q.add_argument(f"--{part.replace('_', '-')}-bits", type=_bits_or_keep, default=default,
+                       metavar="{2,3,4,6,8,keep}",
                        help=f"bits of the {what} (default: {default or 'keep'}; keep: left as they are)")
     _data_options(q)
     q.add_argument("--analysis", metavar="DIR", help="an analysis saved by `dynamoq analyze` (instead of --data)")

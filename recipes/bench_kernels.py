@@ -7,9 +7,10 @@ they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage b
 native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
 AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
-and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with batched_mm, with its perplexity
-through the decode path (on a GPU, which has no copy of it: an OLMoE-1B-7B-shaped model of 4
-layers, random weights).
+and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
+batched_mm, with its perplexity through the decode path (on a GPU, which has no copy of it: an
+OLMoE-1B-7B-shaped model of 4 layers, random weights). On CPU every variant's weights, bf16 included, are
+in 2 MB pages (huge_pages).
 
     python recipes/bench_kernels.py                       # everything (about an hour on 2 cores)
     python recipes/bench_kernels.py --quick               # small shapes, a smoke run
@@ -385,7 +386,8 @@ def decode_perplexity(model, ids) -> float:
 
 def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
     """Greedy decode, one token per step with a static cache, compiled decode step; bf16 against DynaMo
-    mixed (~3 storage bits; also with 8-bit attention, and with the head at 8 bits too) and uniform 4-bit experts (group 64); appends to rows."""
+    mixed (~3 storage bits; also with 8-bit attention, and with the head at 8 bits too) and uniform 4-bit
+    experts (group 64); appends to rows."""
     got = e2e_model(args.e2e_model)
     if got is None:
         notes.append("end-to-end: the real reference model is not built (python -m dynamoq.reference real)")
