@@ -265,9 +265,10 @@ _plans: dict[int, _Plan] = {}        # by id(scale); dropped when the scale is f
 
 def _plan(codes, expert_bits, scale, zero, group_size) -> _Plan:
     p = _plans.get(id(scale))
+    if p is None:                    # (an entry is always its scale's: it goes when the scale does)
+        weakref.finalize(scale, _plans.pop, id(scale), None)
     if p is None or not p.fits(codes, expert_bits, scale, zero):
         p = _plans[id(scale)] = _Plan(codes, expert_bits, scale, zero, group_size)
-        weakref.finalize(scale, _plans.pop, id(scale), None)
     return p
 
 
