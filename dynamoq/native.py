@@ -30,7 +30,8 @@ or two. It threads with OpenMP, in the libgomp torch has loaded (torch's own thr
 `available()` is False without x86-64 Linux, AVX-512 (F, BW, VL, DQ, VNNI) or a compiler, or with
 DYNAMOQ_NATIVE=0; kernels.NATIVE = False turns it off in-process. Then Inductor's loops and the grouped
 path run, as on GPU. Under torch.compile the kernel is one opaque operator (dynamoq::native_decode):
-fullgraph, a dynamic number of pairs, no recompiles when the routing changes.
+fullgraph, a dynamic number of pairs, no recompiles when the routing changes. A weight's first call makes its
+call plan (_Plan) and moves its memory to 2 MB pages (huge_pages).
 """
 from __future__ import annotations
 
