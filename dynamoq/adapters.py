@@ -160,6 +160,12 @@ def is_output_head(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] in HEAD_NAMES
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (transformers' get_output_embeddings), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
 def is_shared_expert(module: nn.Module, fqn: str) -> bool:
     return fqn.rsplit(".", 1)[-1] in SHARED_NAMES and experts_of(module) is None
 

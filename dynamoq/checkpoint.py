@@ -370,7 +370,7 @@ def quantization_config_dict(model: nn.Module, modules: dict[str, dict]) -> dict
         dense += [p.bits for p in mlp.parameters() if isinstance(p, SwitchableLinear)]
     attention = [p.bits for a in adapters.attentions(model).values() for p in a.parameters()
                  if isinstance(p, SwitchableLinear)]
-    head = getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None)
+    head = getattr(adapters.output_head(model), "weight", None)
     group = _unique(m["attributes"]["group_size"] for m in modules.values() if "group_size" in m["attributes"])
     # the experts' own config (the text config of a composite model) says which implementation runs them
     configs = [getattr(b.experts, "config", None) for b in blocks if b.adapter.fused] + [getattr(model, "config", None)]

@@ -215,9 +215,11 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
     blocks = {b.layer: b for b in adapters.moe_blocks(model)}
     layers = adapters.decoder_layers(model)
     by_layer: dict[int, list] = {}
-    heads = [t for t in targets if adapters.is_output_head(t.owner, t.fqn.removesuffix(".weight"))]
+    heads = []                                   # outside the decoder layers: no layer pass gives their Hessian
     for t in targets:
-        if not any(t is h for h in heads):
+        if adapters.is_output_head(t.owner, t.fqn.removesuffix(".weight")):
+            heads.append(t)
+        else:
             by_layer.setdefault(adapters.layer_index(t.fqn), []).append(t)
     report = {"fallback_rtn": [], "balanced_hessian": [], "damping": {}}
     inputs = _layer_inputs(model, layers, windows, batch_size)

@@ -252,7 +252,7 @@ class _Plan:
             huge_pages(t)
         meta = _expert_meta(tuple(expert_bits))
         tables = _lane_tables(self.k, group_size, widths)
-        self.keep = (keep, meta, tables, sc if sc is not scale else None)
+        self.keep = keep + ([sc] if sc is not scale else [])   # what args points into (meta, tables: in their caches)
         self.args = (meta.data_ptr(), base, stride, _planes().data_ptr(), tables[1], packing.lanes(group_size),
                      sc.data_ptr(), keep[-1].data_ptr())
 

@@ -154,10 +154,9 @@ def untie_packed(model: nn.Module) -> None:
     """A packed output head is no longer the input embeddings: the model's tie_word_embeddings (and its text
     config's) becomes False and transformers' tying table drops it, so neither tie_weights() nor saving and
     loading puts the 16-bit embeddings back in its place."""
-    packed = {name for name, p in model.named_parameters(remove_duplicate=False) if isinstance(p, _PackedWeight)}
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    if head is None or not isinstance(getattr(head, "weight", None), _PackedWeight):
+    if not isinstance(getattr(adapters.output_head(model), "weight", None), _PackedWeight):
         return
+    packed = {name for name, p in model.named_parameters(remove_duplicate=False) if isinstance(p, _PackedWeight)}
     config = getattr(model, "config", None)
     for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
         if getattr(c, "tie_word_embeddings", False):
