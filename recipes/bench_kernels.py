@@ -216,14 +216,32 @@ def _sync():
         torch.cuda.synchronize()
 
 
+# Read (not written) before every timed call on CPU: twice the last-level cache (32 MB here), so each call
+# starts as a decode step's layer does, its weights out of the caches, and none starts with another
+# variant's writes in them. Without it a call right after bf16 batched_mm's (which copies the routed
+# experts, ~100 MB at OLMoE shape, into fresh buffers) paid for writing those lines back: the 1-token
+# OLMoE-shaped DynaMo mixed layer took 1.78-1.81 ms run right after bf16's and 1.45-1.51 ms run after
+# another variant's, same process (bf16 itself 4.45-4.64 ms either way).
+EVICT_BYTES = 64 << 20
+_evict_buffer: list = []
+
+
+def _evict():
+    if DEVICE.type == "cpu":
+        if not _evict_buffer:
+            _evict_buffer.append(torch.ones(EVICT_BYTES // 4))
+        _evict_buffer[0].max()
+
+
 def measure(fns: dict, xs: list, runs: int, reps: int = 1) -> dict:
     """Interleaved: every run calls each variant `reps` times on the same input (on a GPU, between two
-    synchronizations: one sync per call would add its own latency to every variant); median seconds
-    per call."""
+    synchronizations: one sync per call would add its own latency to every variant), each after the same
+    cache eviction (_evict, CPU); median seconds per call."""
     times = {k: [] for k in fns}
     for r in range(runs):
         x = xs[r % len(xs)]
         for k, f in fns.items():
+            _evict()
             _sync()
             t0 = time.perf_counter()
             for _ in range(reps):

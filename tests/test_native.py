@@ -108,23 +108,21 @@ def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
     assert torch.allclose(kernels.expert_linear(t, x, ids), _dense(t, x, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_a_weight_s_call_plan_is_made_once_checked_every_call_and_dropped_with_the_weight():
-    import gc
-    torch.manual_seed(0)
+def test_bad_calls_get_clear_errors():
+    """The C++ kernel checks what the C kernel would read out of bounds."""
     t = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 32)
     x, ids = torch.randn(2, 64), torch.tensor([0, 2])
-    y = _run(t, x, ids)
-    plan = native._plans[id(t.scale)]
-    assert torch.equal(_run(t, x, ids), y) and native._plans[id(t.scale)] is plan
-    other = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 32)
-    assert torch.allclose(_run(other, x, ids), _dense(other, native.rounded_x(x, 32), ids), rtol=1e-5, atol=1e-5)
-    assert native._plans[id(other.scale)] is not plan
+    codes = [t.q2, t.q3, t.q4]
     with pytest.raises(ValueError, match="x has 32 inputs, the weight 64"):
-        _run(t, torch.randn(2, 32), ids)
-    key = id(other.scale)
-    del other
-    gc.collect()
-    assert key not in native._plans
+        native.native_decode(torch.randn(2, 32), ids, codes, list(t.expert_bits), t.scale, t.zero, 32)
+    with pytest.raises(ValueError, match="2 bit-widths for 3 experts"):
+        native.native_decode(x, ids, codes, [3, 2], t.scale, t.zero, 32)
+    with pytest.raises(ValueError, match="no codes for the 4-bit experts"):
+        native.native_decode(x, ids, codes[:2], list(t.expert_bits), t.scale, t.zero, 32)
+    with pytest.raises(ValueError, match="no layout for 5 bits"):
+        native.native_decode(x, ids, codes, [3, 2, 5], t.scale, t.zero, 32)
+    assert torch.allclose(native.native_decode(x.double(), ids.int(), codes, list(t.expert_bits), t.scale, t.zero, 32),
+                          _run(t, x, ids))                 # other dtypes of x and ids are converted
 
 
 def _huge_kb(addr: int) -> int:
@@ -147,10 +145,9 @@ def test_the_weights_it_reads_move_to_huge_pages_once_and_keep_their_values():
     t = DynaMoExperts.from_float(torch.randn(8, 1024, 4096), (2,) * 8, 128)     # q2: 8 MB, 3 aligned 2 MB pages
     x, ids = torch.randn(2, 4096), torch.tensor([1, 6])
     codes = t.q2.clone()
-    key = (t.q2.data_ptr(), t.q2.numel())
-    assert key not in native._collapsed
+    assert not native.huge_pages_seen(t.q2)
     y = _run(t, x, ids)
-    assert key in native._collapsed and torch.equal(t.q2, codes)
+    assert native.huge_pages_seen(t.q2) and native.huge_pages_seen(t.scale) and torch.equal(t.q2, codes)
     assert not native.huge_pages(t.q2)                      # once per buffer
     assert torch.equal(_run(t, x, ids), y)
     fresh = torch.ones(8 << 20, dtype=torch.uint8)

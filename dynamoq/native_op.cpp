@@ -1,0 +1,128 @@
+// dynamoq::native_decode's CPU kernel, registered with PyTorch's dispatcher when native.py loads this library:
+// from the compiled graph to the C kernel (native_decode.c) without Python. With the call in Python (ctypes,
+// a per-weight plan of its arguments) a 1-token OLMoE-shaped layer spent ~40 us a call there, caches cold.
+//
+// Per call it derives from the tensors what the kernel needs: each code tensor's base and expert stride by
+// bit-width, each expert's width and slot among the experts of that width (from expert_bits), and the
+// lane-to-group table of each plane width (cached per shape). A weight's buffers move to 2 MB pages on the
+// first call that reads them (dynamoq_huge_pages).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+extern "C" int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
+                              const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
+                              const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group,
+                              int lanes, const uint16_t *scale, const uint8_t *zero, float *y, int threads);
+
+namespace {
+
+int32_t planes[9][2][2];        // packing.PLANES, set once by native.py: [bits][plane] = (offset, width)
+int lanes_of[1025];             // packing.lanes(group_size) for group sizes up to 1024, set with the planes
+std::mutex mu;
+std::set<std::pair<uintptr_t, size_t>> collapsed;     // the buffers dynamoq_huge_pages has seen
+
+// [blocks * 16] int32: the group of each int32 lane of a plane of width w, minus its 64-byte block's first group.
+const int32_t *lane_group(int64_t k, int64_t gs, int w) {
+    static std::map<std::tuple<int64_t, int64_t, int>, std::vector<int32_t>> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    auto &t = cache[{k, gs, w}];
+    if (t.empty()) {
+        const int64_t nbytes = k * w / 8, bpg = gs * w / 8;
+        t.resize((nbytes + 63) / 64 * 16);
+        for (int64_t l = 0; l < (int64_t)t.size(); l++) t[l] = (int32_t)((4 * l) / bpg - (64 * (l / 16)) / bpg);
+    }
+    return t.data();
+}
+
+}  // namespace
+
+extern "C" void dynamoq_set_tables(const int32_t *p, const int32_t *lanes) {
+    std::copy(p, p + 36, &planes[0][0][0]);
+    std::copy(lanes, lanes + 1025, lanes_of);
+}
+
+// Transparent huge pages for [p, p + n): the 2 MB-aligned part, once per (p, n) (see native.huge_pages).
+// -> whether Linux moved it on this call.
+extern "C" int dynamoq_huge_pages(const void *p, size_t n) {
+    static const bool off = [] { const char *v = std::getenv("DYNAMOQ_HUGE_PAGES"); return v && v[0] == '0' && !v[1]; }();
+    const uintptr_t a = (uintptr_t)p, huge = 2u << 20;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!collapsed.insert({a, n}).second) return 0;
+    }
+    const uintptr_t lo = (a + huge - 1) / huge * huge, hi = (a + n) / huge * huge;
+    return !off && hi > lo && madvise((void *)lo, hi - lo, 25 /* MADV_COLLAPSE */) == 0;
+}
+
+// Whether dynamoq_huge_pages has seen (p, n).
+extern "C" int dynamoq_huge_pages_seen(const void *p, size_t n) {
+    std::lock_guard<std::mutex> lock(mu);
+    return collapsed.count({(uintptr_t)p, n}) > 0;
+}
+
+namespace {
+
+at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::TensorList codes,
+                         at::IntArrayRef expert_bits, const at::Tensor &scale_in, const at::Tensor &zero_in,
+                         int64_t group_size) {
+    // x [S, K], ids [S], codes: q{b} [E_b, N, K * b / 8] of each width present (ascending), scale / zero [E, N, G]
+    TORCH_CHECK_VALUE(x_in.dim() == 2 && scale_in.dim() == 3, "native_decode: x must be [S, K], scale [E, N, G]");
+    const int64_t S = x_in.size(0), E = scale_in.size(0), N = scale_in.size(1), K = scale_in.size(2) * group_size;
+    TORCH_CHECK_VALUE(x_in.size(1) == K, "native_decode: x has ", x_in.size(1), " inputs, the weight ", K);
+    TORCH_CHECK_VALUE((int64_t)expert_bits.size() == E, "native_decode: ", expert_bits.size(),
+                      " bit-widths for ", E, " experts");
+    TORCH_CHECK_VALUE(group_size > 0 && group_size <= 1024 && lanes_of[group_size] > 0,
+                      "native_decode: group size ", group_size, " is not one the kernel takes");
+    at::Tensor x = (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16)
+                       ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+    at::Tensor ids = ids_in.to(at::kLong).contiguous(), scale = scale_in.contiguous(), zero = zero_in.contiguous();
+    std::vector<int32_t> meta(2 * E);
+    int32_t count[9] = {0};
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t b = expert_bits[e];
+        TORCH_CHECK_VALUE(b >= 1 && b <= 8 && planes[b][0][1] > 0, "native_decode: no layout for ", b, " bits");
+        meta[2 * e] = (int32_t)b;
+        meta[2 * e + 1] = count[b]++;
+    }
+    int64_t base[9] = {0}, stride[9] = {0}, tables[9] = {0};
+    std::vector<at::Tensor> keep;
+    size_t c = 0;
+    for (int b = 1; b <= 8; b++) {
+        if (!count[b]) continue;
+        TORCH_CHECK_VALUE(c < codes.size(), "native_decode: no codes for the ", b, "-bit experts");
+        keep.push_back(codes[c++].contiguous());
+        base[b] = (int64_t)(intptr_t)keep.back().data_ptr();
+        stride[b] = keep.back().stride(0);
+        for (int i = 0; i < 2; i++) {
+            const int w = planes[b][i][1];
+            if (w && !tables[w]) tables[w] = (int64_t)(intptr_t)lane_group(K, group_size, w);
+        }
+    }
+    TORCH_CHECK_VALUE(c == codes.size(), "native_decode: ", codes.size(), " code tensors for ", c, " bit-widths");
+    keep.push_back(scale);
+    keep.push_back(zero);
+    for (const at::Tensor &t : keep) dynamoq_huge_pages(t.data_ptr(), t.numel() * t.element_size());
+    at::Tensor y = at::empty({S, N}, x.options().dtype(at::kFloat));
+    const int rc = dynamoq_decode(S, N, K, group_size, E, x.data_ptr(), x.scalar_type() == at::kBFloat16,
+                                  ids.data_ptr<int64_t>(), meta.data(), base, stride, &planes[0][0][0], tables,
+                                  lanes_of[group_size], (const uint16_t *)scale.data_ptr(),
+                                  zero.data_ptr<uint8_t>(), y.data_ptr<float>(), at::get_num_threads());
+    TORCH_CHECK(rc == 0, "dynamoq native decode: could not allocate its scratch memory");
+    return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynamoq, CPU, m) { m.impl("native_decode", &native_decode); }
