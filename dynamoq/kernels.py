@@ -201,12 +201,14 @@ def use_native(w, x: torch.Tensor) -> bool:
 
 
 def native_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """expert_linear by the native kernel, x in int8 per group (native.py), switched channels included."""
+    """expert_linear by the native kernel, x in int8 per group (native.py), switched channels included.
+    x [S, K], or [T, K] with S = k T: pair s reads row s / k (a token's k experts)."""
     y = native.native_decode(x, ids, [getattr(w, f"q{b}") for b in sorted(set(w.expert_bits))],
                              list(w.expert_bits), w.scale, w.zero, w.group_size)
     if w.cache_idx is None:
         return y
-    return y + _cache_terms(w, native.rounded_x(x, w.group_size), ids.clamp(0, w.num_rows - 1))
+    xr = native.rounded_x(x, w.group_size).repeat_interleave(ids.shape[0] // max(x.shape[0], 1), dim=0)
+    return y + _cache_terms(w, xr, ids.clamp(0, w.num_rows - 1))
 
 
 def split_by_width(w, x: torch.Tensor) -> bool:
@@ -374,7 +376,8 @@ def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
     ids = top_k_index.reshape(-1)                                          # [S = T * k]
-    x = hidden_states.repeat_interleave(k, dim=0)                          # [S, H]
+    # [S, H]; the native kernel reads a token's row for its k pairs: [T, H]
+    x = hidden_states if use_native(first, hidden_states) else hidden_states.repeat_interleave(k, dim=0)
     h = expert_linear(first, x, ids)                                         # [S, 2I] or [S, I]
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids].float()

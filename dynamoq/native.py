@@ -210,6 +210,9 @@ _LIB = torch.library.Library("dynamoq", "FRAGMENT")
 _LIB.define("native_decode(Tensor x, Tensor ids, Tensor[] codes, int[] expert_bits, Tensor scale, Tensor zero, "
             "int group_size) -> Tensor")
 native_decode = torch.ops.dynamoq.native_decode.default
+"""x [X, K], ids [S] (each pair's expert; S = X, or S = k X: pair s reads row s / k, as a token's k routed experts
+share its x, quantized once), codes: q{b} [E_b, N, K * b / 8] of each width present (ascending), expert_bits [E],
+scale / zero [E, N, G] -> y [S, N] fp32 = sum_k scale * (q - zero) * x, x in int8 per group."""
 
 
 def _load_and_call(x, ids, codes, expert_bits, scale, zero, group_size):
@@ -225,4 +228,4 @@ _LIB.impl("native_decode", _load_and_call, "CompositeExplicitAutograd")    # CPU
 
 @torch.library.register_fake("dynamoq::native_decode")
 def _(x, ids, codes, expert_bits, scale, zero, group_size):
-    return x.new_empty(x.shape[0], scale.shape[1], dtype=torch.float32)
+    return x.new_empty(ids.shape[0], scale.shape[1], dtype=torch.float32)

@@ -35,11 +35,12 @@
 
 typedef struct {
     int64_t S, N, K, G, gs;
+    int64_t per;                    // pairs per row of x: pair s reads x row s / per (a token's k pairs share one)
     const int32_t *planes;          // [9][2][2]: for bit-width b, up to two planes (offset, width); width 0: none
-    const int8_t *xq[9];            // [w] -> [S, 8 / w, K * w / 8] int8 (null where no plane has width w)
+    const int8_t *xq[9];            // [w] -> [X, 8 / w, K * w / 8] int8 (null where no plane has width w)
     const int32_t *lane_group[9];   // [w] -> [K * w / 32 rounded up to 16] group of each int32 lane, minus its block's first group
-    const float *xs;                // [S, G + 16] (padded for whole-vector loads)
-    const float *xsum;              // [S, G]
+    const float *xs;                // [X, G + 16] (padded for whole-vector loads)
+    const float *xsum;              // [X, G]
     const uint16_t *scale;          // [E, N, G] float16
     const uint8_t *zero;            // [E, N, G]
     float *y;                       // [S, N]
@@ -47,7 +48,7 @@ typedef struct {
     // inputs; run i is the int32 w_perm[w][i] of those bytes, shifted right by w_shift[w][i] and masked
     const int32_t *w_perm[9];       // [w] -> [8 / w][16]
     const int32_t *w_shift[9];      // [w] -> [8 / w][16]
-    const int8_t *x8;               // [S, K] x in int8
+    const int8_t *x8;               // [X, K] x in int8
     // merging a second plane into the first (second_plane; where lanes >= 4): which int32 of 32 bytes of the
     // second plane each int32 of 64 bytes of the first meets (chunk c of the first <- chunk c / 2 of the
     // second), and the lanes of odd chunks, shifted by 4 bits (the second half of the parts)
@@ -55,6 +56,9 @@ typedef struct {
     __mmask32 odd;                  // the 16-bit lanes of odd chunks
     int merge;
 } job_t;
+
+// The row of x (and of its int8 form, scales, sums) that pair s reads.
+static inline int64_t xrow(const job_t *j, int64_t s) { return s / j->per; }
 
 // Part q of the code bytes v of a plane of width W (the codes at bits W q .. W q + W - 1, as bytes). With GFNI
 // one instruction: GF2P8AFFINEQB sets bit i of each byte to the parity of (byte 7 - i of the matrix) AND the
@@ -227,7 +231,7 @@ static void block_factors(const job_t *j, int64_t e, int b, int64_t nb, int64_t 
 // lanes (summed with the rest of the row's accumulator).
 static inline __m512 zero_lanes(const job_t *j, const float *sz, int64_t pair) {
     const int64_t G = j->G;
-    const float *xsum = j->xsum + pair * G;
+    const float *xsum = j->xsum + xrow(j, pair) * G;
     __m512 zt = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += 16)
         zt = _mm512_fnmadd_ps(_mm512_load_ps(sz + g), _mm512_maskz_loadu_ps(first16(G - g), xsum + g), zt);
@@ -283,13 +287,13 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     for (int p = 0; p < P; p++)
                         acc[r][p] = zero_lanes(j, buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16), pairs[p0 + p]);
                 }
-                for (int p = 0; p < P; p++) xs[p] = j->xs + pairs[p0 + p] * (G + 16);
+                for (int p = 0; p < P; p++) xs[p] = j->xs + xrow(j, pairs[p0 + p]) * (G + 16);
                 for (int i = 0; i < 2; i++) {
                     const int w = j->planes[(b * 2 + i) * 2 + 1];
                     if (!w) break;
                     const int w2 = i == 0 && j->merge ? j->planes[(b * 2 + 1) * 2 + 1] : 0;   // second_plane
                     for (int r = 0; r < R; r++) f[r] = buf + (n + r - nb) * 4 * (G16 + 16) + (2 + i) * (G16 + 16);
-                    for (int p = 0; p < P; p++) xq[p] = j->xq[w] + pairs[p0 + p] * K;   // K bytes per pair
+                    for (int p = 0; p < P; p++) xq[p] = j->xq[w] + xrow(j, pairs[p0 + p]) * K;   // K bytes a row
                     const int whole = j->gs * w / 8 % 64 == 0;
                     if (R == 4 && P == 1) { TILE_W(4, 1) }
                     else if (R == 4) { TILE_W(4, 2) }
@@ -347,7 +351,7 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
     const int64_t K = j->K, G = j->G, row_bytes = K * b / 8;
     const int64_t ahead = prefetch_ahead(row_bytes);
     const float *xs[MAX_P] = {NULL};                    // folded into the factors
-    const float *pxs = j->xs + pair * (G + 16), *pxsum = j->xsum + pair * G;
+    const float *pxs = j->xs + xrow(j, pair) * (G + 16), *pxsum = j->xsum + xrow(j, pair) * G;
     const __mmask16 m0 = first16(G);
     const __m512 xs0 = _mm512_maskz_loadu_ps(m0, pxs), xsum0 = _mm512_maskz_loadu_ps(m0, pxsum);
     float pow2[2];
@@ -363,7 +367,7 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
             const int w = j->planes[(b * 2 + i) * 2 + 1];
             if (!w) break;
             const int w2 = i == 0 && j->merge ? j->planes[(b * 2 + 1) * 2 + 1] : 0;   // second_plane
-            const int8_t *xq[MAX_P] = {j->xq[w] + pair * K};
+            const int8_t *xq[MAX_P] = {j->xq[w] + xrow(j, pair) * K};
             const int whole = j->gs * w / 8 % 64 == 0;
             for (int r = 0; r < R; r++) f[r] = fb + (i * 4 + r) * (G16 + 16);
             if (R == 4) { TILE_F(4, 1, 1) }
@@ -480,7 +484,7 @@ static void amx_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, c
         const int64_t p0 = tl * AMX_PAIRS;
         const int P = (int)min64(AMX_PAIRS, np - p0);
         int32_t at[AMX_PAIRS] = {0};
-        for (int p = 0; p < P; p++) at[p] = (int32_t)(pairs[p0 + p] * K / 4);
+        for (int p = 0; p < P; p++) at[p] = (int32_t)(xrow(j, pairs[p0 + p]) * K / 4);
         const __m512i idx = _mm512_loadu_si512((const void *)at);
         const __mmask16 live = (__mmask16)((1u << P) - 1);
         int32_t *dst = xb + tl * (K / 4) * AMX_PAIRS;
@@ -490,8 +494,8 @@ static void amx_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, c
         float *f = xf + tl * 2 * G * AMX_PAIRS;
         for (int64_t g = 0; g < G; g++)
             for (int p = 0; p < AMX_PAIRS; p++) {
-                f[g * AMX_PAIRS + p] = p < P ? j->xs[pairs[p0 + p] * (G + 16) + g] : 0.0f;
-                f[(G + g) * AMX_PAIRS + p] = p < P ? j->xsum[pairs[p0 + p] * G + g] : 0.0f;
+                f[g * AMX_PAIRS + p] = p < P ? j->xs[xrow(j, pairs[p0 + p]) * (G + 16) + g] : 0.0f;
+                f[(G + g) * AMX_PAIRS + p] = p < P ? j->xsum[xrow(j, pairs[p0 + p]) * G + g] : 0.0f;
             }
     }
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
@@ -570,13 +574,13 @@ static void amx_tables(job_t *j, int lanes, int32_t *mem) {
     }
 }
 
-// x [S, K] (float32, or bfloat16 when x_bf16) -> per pair and group xs = max |x| / 127 ([S, G + 16]), x8 = round(x / xs),
-// xsum = sum of x8 * xs; x8 rearranged per plane width w into xq[w] [S, 8 / w, K * w / 8] (byte j of part p:
+// x [X, K] (float32, or bfloat16 when x_bf16) -> per row and group xs = max |x| / 127 ([X, G + 16]), x8 = round(x / xs),
+// xsum = sum of x8 * xs; x8 rearranged per plane width w into xq[w] [X, 8 / w, K * w / 8] (byte j of part p:
 // the input of code p of plane byte j, packing.py's layout with L = lanes bytes per chunk).
 static void quantize_x(const job_t *j, const void *x, int x_bf16, int lanes, int8_t *x8, float *xs, float *xsum,
                        int8_t *const *xq) {
-    const int64_t S = j->S, K = j->K, G = j->G, gs = j->gs;
-    for (int64_t s = 0; s < S; s++)
+    const int64_t X = j->S / j->per, K = j->K, G = j->G, gs = j->gs;
+    for (int64_t s = 0; s < X; s++)
         for (int64_t g = 0; g < G; g++) {
             const int64_t at = s * K + g * gs;
             __m512 v[64], amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();   // gs <= 1024 (supports())
@@ -604,7 +608,7 @@ static void quantize_x(const job_t *j, const void *x, int x_bf16, int lanes, int
         if (!xq[w]) continue;
         const int c = 8 / w;
         const int64_t nbytes = K * w / 8, chunks = gs / (c * lanes);
-        for (int64_t s = 0; s < S; s++)
+        for (int64_t s = 0; s < X; s++)
             for (int p = 0; p < c; p++) {
                 int8_t *out = xq[w] + (s * c + p) * nbytes;                  // byte (g, h, l) of the plane
                 for (int64_t g = 0; g < G; g++)
@@ -636,15 +640,16 @@ static inline int64_t expert_of(const int64_t *ids, int64_t s, int64_t E) {
     return ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
 }
 
-// y [S, N] = the pairs' experts times x. expert_meta [E][2]: (bit-width, position among the experts of that
+// y [S, N] = the pairs' experts times x [X, K], pair s reading row s / (S / X) (X = S: a row per pair; S = k X:
+// the k pairs of a token in a row, its x quantized once). expert_meta [E][2]: (bit-width, position among the experts of that
 // width); width_base[b], width_stride[b]: address of q{b} and bytes per expert in it; lane_group[w]: see job_t.
 // Returns 0; -1 when its scratch memory could not be had (y is then undefined).
-int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
+int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
                    const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                    const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group, int lanes,
                    const uint16_t *scale, const uint8_t *zero, float *y, int threads) {
     const int64_t G = K / gs, G16 = (G + 15) / 16 * 16;
-    job_t j = {S, N, K, G, gs, planes, {0}, {0}, NULL, NULL, scale, zero, y};
+    job_t j = {S, N, K, G, gs, X ? S / X : 1, planes, {0}, {0}, NULL, NULL, scale, zero, y};
     // pairs by expert (counting sort: start [E + 1], fill [E], order [S]); the AMX path for experts with
     // enough pairs, where it runs; xq only for the plane widths of the experts on the packed path
     int64_t *start = (int64_t *)kept(&kept_sort, sizeof(int64_t) * (size_t)(2 * E + 1 + S));
@@ -667,16 +672,16 @@ int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const
         order[start[e] + fill[e]++] = s;
     }
     // scratch: xs (padded), xsum, x8, xq per plane width, the AMX path's tables
-    size_t bytes = sizeof(float) * (size_t)S * (2 * G + 16) + (size_t)S * K + 64 + sizeof(int32_t) * AMX_TABLES;
-    for (int w = 1; w <= 8; w *= 2) if (packed[w]) bytes += (size_t)S * K + 64;
+    size_t bytes = sizeof(float) * (size_t)X * (2 * G + 16) + (size_t)X * K + 64 + sizeof(int32_t) * AMX_TABLES;
+    for (int w = 1; w <= 8; w *= 2) if (packed[w]) bytes += (size_t)X * K + 64;
     char *p = (char *)kept(&kept_main, bytes);
     if (!p) return -1;
-    memset(p, 0, S * (G + 16) * sizeof(float));
-    float *xs = (float *)p; p += S * (G + 16) * sizeof(float);
-    float *xsum = (float *)p; p += S * G * sizeof(float);
-    int8_t *x8 = (int8_t *)p; p += S * K;
+    memset(p, 0, X * (G + 16) * sizeof(float));
+    float *xs = (float *)p; p += X * (G + 16) * sizeof(float);
+    float *xsum = (float *)p; p += X * G * sizeof(float);
+    int8_t *x8 = (int8_t *)p; p += X * K;
     int8_t *xq[9] = {0};
-    for (int w = 1; w <= 8; w *= 2) if (packed[w]) { xq[w] = (int8_t *)p; p += S * K; }
+    for (int w = 1; w <= 8; w *= 2) if (packed[w]) { xq[w] = (int8_t *)p; p += X * K; }
     if (amx) amx_tables(&j, lanes, (int32_t *)p);
     j.xs = xs;
     j.xsum = xsum;

@@ -21,7 +21,7 @@
 #include <utility>
 #include <vector>
 
-extern "C" int dynamoq_decode(int64_t S, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
+extern "C" int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
                               const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                               const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group,
                               int lanes, const uint16_t *scale, const uint8_t *zero, float *y, int threads);
@@ -77,9 +77,13 @@ namespace {
 at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::TensorList codes,
                          at::IntArrayRef expert_bits, const at::Tensor &scale_in, const at::Tensor &zero_in,
                          int64_t group_size) {
-    // x [S, K], ids [S], codes: q{b} [E_b, N, K * b / 8] of each width present (ascending), scale / zero [E, N, G]
-    TORCH_CHECK_VALUE(x_in.dim() == 2 && scale_in.dim() == 3, "native_decode: x must be [S, K], scale [E, N, G]");
-    const int64_t S = x_in.size(0), E = scale_in.size(0), N = scale_in.size(1), K = scale_in.size(2) * group_size;
+    // x [X, K], ids [S] (S = X, or S = k X: pair s reads row s / k), codes: q{b} [E_b, N, K * b / 8] of each
+    // width present (ascending), scale / zero [E, N, G]
+    TORCH_CHECK_VALUE(x_in.dim() == 2 && scale_in.dim() == 3, "native_decode: x must be [X, K], scale [E, N, G]");
+    const int64_t X = x_in.size(0), S = ids_in.numel(), E = scale_in.size(0), N = scale_in.size(1),
+                  K = scale_in.size(2) * group_size;
+    TORCH_CHECK_VALUE(X ? S % X == 0 : S == 0, "native_decode: ", S, " pairs for ", X,
+                      " rows of x (each row must serve the same number of pairs)");
     TORCH_CHECK_VALUE(x_in.size(1) == K, "native_decode: x has ", x_in.size(1), " inputs, the weight ", K);
     TORCH_CHECK_VALUE((int64_t)expert_bits.size() == E, "native_decode: ", expert_bits.size(),
                       " bit-widths for ", E, " experts");
@@ -115,7 +119,7 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
     keep.push_back(zero);
     for (const at::Tensor &t : keep) dynamoq_huge_pages(t.data_ptr(), t.numel() * t.element_size());
     at::Tensor y = at::empty({S, N}, x.options().dtype(at::kFloat));
-    const int rc = dynamoq_decode(S, N, K, group_size, E, x.data_ptr(), x.scalar_type() == at::kBFloat16,
+    const int rc = dynamoq_decode(S, X, N, K, group_size, E, x.data_ptr(), x.scalar_type() == at::kBFloat16,
                                   ids.data_ptr<int64_t>(), meta.data(), base, stride, &planes[0][0][0], tables,
                                   lanes_of[group_size], (const uint16_t *)scale.data_ptr(),
                                   zero.data_ptr<uint8_t>(), y.data_ptr<float>(), at::get_num_threads());

@@ -123,6 +123,19 @@ def test_bad_calls_get_clear_errors():
         native.native_decode(x, ids, codes, [3, 2, 5], t.scale, t.zero, 32)
     assert torch.allclose(native.native_decode(x.double(), ids.int(), codes, list(t.expert_bits), t.scale, t.zero, 32),
                           _run(t, x, ids))                 # other dtypes of x and ids are converted
+    with pytest.raises(ValueError, match="3 pairs for 2 rows of x"):
+        native.native_decode(x, torch.tensor([0, 1, 2]), codes, list(t.expert_bits), t.scale, t.zero, 32)
+
+
+def test_a_token_s_pairs_share_its_row_of_x():
+    """x [T, K] with k pairs per token (ids [T k], token-major, as a router's): each pair reads its token's row,
+    quantized once: the same bits as x repeated per pair, decode (one pair an expert) and tiles of several."""
+    torch.manual_seed(0)
+    t = DynaMoExperts.from_float(torch.randn(6, 48, 256), (2, 3, 4, 6, 8, 2), 64)
+    for tokens, k in ((1, 4), (5, 3), (9, 6)):
+        x = torch.randn(tokens, 256).bfloat16()
+        ids = torch.stack([torch.randperm(6)[:k] for _ in range(tokens)]).reshape(-1)
+        assert torch.equal(_run(t, x, ids), _run(t, x.repeat_interleave(k, dim=0), ids))
 
 
 def _huge_kb(addr: int) -> int:
