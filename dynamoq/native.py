@@ -166,6 +166,7 @@ def _probe() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result      # called with a weight's metadata: no guards on packing's tables
 def supports(expert_bits, group_size: int, k: int) -> bool:
     """Whether the kernel takes this layout: every int32 lane (4 code bytes) of a plane inside one group."""
     widths = {w for b in set(expert_bits) for _, w in packing.PLANES[b]}
