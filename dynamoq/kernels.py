@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
@@ -79,8 +79,18 @@ def _is_narrow(match) -> bool:
 @register_graph_pattern(CallFunction(aten.mm.default, Arg(), Arg()), pass_dict=_narrow_mm, extra_check=_is_narrow)
 def _mm_as_reduction(match, a, b):
     def reduction(a, b):            # a [M, K], b [K, N] -> [M, N]
-        return (a[:, None, :].float() * b.t()[None, :, :].float()).sum(-1).to(a.dtype)
+        y = (a[:, None, :].float() * b.t()[None, :, :].float()).sum(-1)
+        return (_round_bf16(y) if a.dtype == torch.bfloat16 else y).to(a.dtype)
     match.replace_by_example(reduction, [a, b])
+
+
+def _round_bf16(y: torch.Tensor) -> torch.Tensor:
+    """fp32 y rounded to bf16's precision (to nearest, ties to even), kept in fp32. Inductor drops a plain
+    round trip through bf16 inside a fused kernel and would feed the unrounded sum to what follows (a router's
+    softmax): near-ties then break unlike in eager (1-2 of 64 experts' picks differed per 128 random tokens)."""
+    u = y.view(torch.int32)
+    u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536          # & 0xFFFF0000 as a signed int32
+    return u.view(torch.float32)
 
 
 class NarrowMatmul(CustomGraphPass):
@@ -89,8 +99,8 @@ class NarrowMatmul(CustomGraphPass):
     def __call__(self, graph) -> None:
         _narrow_mm.apply(graph)
 
-    def uuid(self) -> str:
-        return f"dynamoq-narrow-mm-{NARROW_MM_OUTPUTS}-1"
+    def uuid(self) -> bytes:           # Inductor's FX graph cache: this file's code and the threshold
+        return get_hash_for_files((__file__,)) + str(NARROW_MM_OUTPUTS).encode()
 
 
 # Guards a packed weight does not need: dynamo guards each inner tensor of a tensor subclass (dtype, shape,
