@@ -95,12 +95,12 @@ def _build(flags: list[str]) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             c_obj, op_obj, part = Path(tmp) / "decode.o", Path(tmp) / "op.o", Path(tmp) / out.name
-            for cmd in ([cc, *flags, "-c", str(SOURCE), "-o", str(c_obj)],
-                        [cxx, *cxx_flags, "-c", str(OP_SOURCE), "-o", str(op_obj)],
-                        [cxx, str(c_obj), str(op_obj), "-o", str(part), *link]):
+            for what, cmd in ((SOURCE.name, [cc, *flags, "-c", str(SOURCE), "-o", str(c_obj)]),
+                              (OP_SOURCE.name, [cxx, *cxx_flags, "-c", str(OP_SOURCE), "-o", str(op_obj)]),
+                              ("the link", [cxx, str(c_obj), str(op_obj), "-o", str(part), *link])):
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode:
-                    raise RuntimeError(f"{cmd[0]} failed on {cmd[-3 if cmd[-2] == '-o' else 1]}:\n{r.stderr[-2000:]}")
+                    raise RuntimeError(f"{cmd[0]} failed on {what}:\n{r.stderr[-2000:]}")
             os.replace(part, out)            # atomic: a concurrent build or a stopped one leaves no half file
     return out
 

@@ -185,6 +185,8 @@ def test_switched_off_or_without_a_compiler_it_is_unavailable_and_says_why(tmp_p
     broken = _probe({"CC": "/bin/false", "DYNAMOQ_CACHE": str(tmp_path)})
     assert "AVAILABLE False" in broken.stdout and "native decode kernel is unavailable" in broken.stderr
     assert not list(tmp_path.rglob("*.so"))                 # nothing half-built left behind
+    no_cxx = _probe({"CXX": "/bin/false", "DYNAMOQ_CACHE": str(tmp_path / "cxx")})     # the operator's C++ part
+    assert "AVAILABLE False" in no_cxx.stdout and "native_op.cpp" in no_cxx.stderr, no_cxx.stderr
     no_amx = _probe({"DYNAMOQ_AMX": "0"})
     assert "AVAILABLE True AMX False" in no_amx.stdout, no_amx.stderr
 
