@@ -26,7 +26,7 @@ over the same text, the size of bf16's own difference between the two (recipes/r
 
 The C source (native_decode.c) and the operator's C++ kernel (native_op.cpp: from the compiled graph to the C
 kernel without Python) are compiled once per machine and torch version, with the system's C and C++ compilers
-against torch's headers, into $DYNAMOQ_CACHE/native (or ~/.cache/dynamoq/native): about 10 s. The kernel threads
+against torch's headers, into $DYNAMOQ_CACHE/native (or ~/.cache/dynamoq/native): about 20 s. The kernel threads
 with OpenMP, in the libgomp torch has loaded (torch's own thread pool). `available()` is False without x86-64
 Linux, AVX-512 (F, BW, VL, DQ, VNNI) or the compilers, or with DYNAMOQ_NATIVE=0; kernels.NATIVE = False turns
 it off in-process. Then Inductor's loops and the grouped path run, as on GPU. Under torch.compile the kernel is
@@ -81,7 +81,7 @@ def _compiler(env: str, *names: str) -> str:
 
 def _build(flags: list[str]) -> Path:
     """Compile native_decode.c and native_op.cpp against this torch (once per sources, flags, compilers and
-    torch version: ~10 s) into one shared library and return it."""
+    torch version: ~20 s) into one shared library and return it."""
     from .reference._common import cache_base
     cc, cxx = _compiler("CC", "cc", "gcc", "clang"), _compiler("CXX", "c++", "g++", "clang++")
     torch_dir = Path(torch.__file__).parent
