@@ -33,7 +33,7 @@ import contextlib
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 
 from . import native, packing
@@ -370,10 +370,13 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 # ---- the experts implementation -----------------------------------------------------------------
 def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K], ids [S] -> [S, N] float32: the native
-    kernel where it runs; else the decode path for few token-expert pairs, the grouped path for many."""
+    """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K] (or [T, K] with S = k T: pair s reads row
+    s / k, a token's k experts), ids [S] -> [S, N] float32: the native kernel where it runs (it reads a token's
+    row once for its k pairs); else the decode path for few token-expert pairs, the grouped path for many."""
     if use_native(w, x):
         return native_linear(w, x, ids)
+    if guard_or_true(x.shape[0] != ids.shape[0]):          # (unbacked token counts: T != k T)
+        x = x.repeat_interleave(ids.shape[0] // x.shape[0], dim=0)                 # [S, K]
     if use_grouped(ids.shape[0], w.num_rows):
         return grouped_linear(w, x, ids)
     return decode_linear(w, x, ids)
@@ -386,9 +389,7 @@ def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
     ids = top_k_index.reshape(-1)                                          # [S = T * k]
-    # [S, H]; the native kernel reads a token's row for its k pairs: [T, H]
-    x = hidden_states if use_native(first, hidden_states) else hidden_states.repeat_interleave(k, dim=0)
-    h = expert_linear(first, x, ids)                                         # [S, 2I] or [S, I]
+    h = expert_linear(first, hidden_states, ids)                             # [S, 2I] or [S, I]
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids].float()
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)           # [S, I]

@@ -351,7 +351,8 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
     const int64_t K = j->K, G = j->G, row_bytes = K * b / 8;
     const int64_t ahead = prefetch_ahead(row_bytes);
     const float *xs[MAX_P] = {NULL};                    // folded into the factors
-    const float *pxs = j->xs + xrow(j, pair) * (G + 16), *pxsum = j->xsum + xrow(j, pair) * G;
+    const int64_t row = xrow(j, pair);
+    const float *pxs = j->xs + row * (G + 16), *pxsum = j->xsum + row * G;
     const __mmask16 m0 = first16(G);
     const __m512 xs0 = _mm512_maskz_loadu_ps(m0, pxs), xsum0 = _mm512_maskz_loadu_ps(m0, pxsum);
     float pow2[2];
@@ -367,7 +368,7 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
             const int w = j->planes[(b * 2 + i) * 2 + 1];
             if (!w) break;
             const int w2 = i == 0 && j->merge ? j->planes[(b * 2 + 1) * 2 + 1] : 0;   // second_plane
-            const int8_t *xq[MAX_P] = {j->xq[w] + xrow(j, pair) * K};
+            const int8_t *xq[MAX_P] = {j->xq[w] + row * K};
             const int whole = j->gs * w / 8 % 64 == 0;
             for (int r = 0; r < R; r++) f[r] = fb + (i * 4 + r) * (G16 + 16);
             if (R == 4) { TILE_F(4, 1, 1) }
@@ -484,7 +485,11 @@ static void amx_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, c
         const int64_t p0 = tl * AMX_PAIRS;
         const int P = (int)min64(AMX_PAIRS, np - p0);
         int32_t at[AMX_PAIRS] = {0};
-        for (int p = 0; p < P; p++) at[p] = (int32_t)(xrow(j, pairs[p0 + p]) * K / 4);
+        int64_t row[AMX_PAIRS] = {0};                   // the tile's rows of x
+        for (int p = 0; p < P; p++) {
+            row[p] = xrow(j, pairs[p0 + p]);
+            at[p] = (int32_t)(row[p] * K / 4);
+        }
         const __m512i idx = _mm512_loadu_si512((const void *)at);
         const __mmask16 live = (__mmask16)((1u << P) - 1);
         int32_t *dst = xb + tl * (K / 4) * AMX_PAIRS;
@@ -494,8 +499,8 @@ static void amx_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, c
         float *f = xf + tl * 2 * G * AMX_PAIRS;
         for (int64_t g = 0; g < G; g++)
             for (int p = 0; p < AMX_PAIRS; p++) {
-                f[g * AMX_PAIRS + p] = p < P ? j->xs[xrow(j, pairs[p0 + p]) * (G + 16) + g] : 0.0f;
-                f[(G + g) * AMX_PAIRS + p] = p < P ? j->xsum[xrow(j, pairs[p0 + p]) * G + g] : 0.0f;
+                f[g * AMX_PAIRS + p] = p < P ? j->xs[row[p] * (G + 16) + g] : 0.0f;
+                f[(G + g) * AMX_PAIRS + p] = p < P ? j->xsum[row[p] * G + g] : 0.0f;
             }
     }
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -224,14 +225,16 @@ def _sync():
 # OLMoE-shaped DynaMo mixed layer took 1.78-1.81 ms run right after bf16's and 1.45-1.51 ms run after
 # another variant's, same process (bf16 itself 4.45-4.64 ms either way).
 EVICT_BYTES = 64 << 20
-_evict_buffer: list = []
+
+
+@functools.cache
+def _evict_buffer() -> torch.Tensor:
+    return torch.ones(EVICT_BYTES // 4)
 
 
 def _evict():
     if DEVICE.type == "cpu":
-        if not _evict_buffer:
-            _evict_buffer.append(torch.ones(EVICT_BYTES // 4))
-        _evict_buffer[0].max()
+        _evict_buffer().max()
 
 
 def measure(fns: dict, xs: list, runs: int, reps: int = 1) -> dict:
