@@ -53,7 +53,7 @@ import torch
 from transformers import AutoConfig
 
 import dynamoq
-from _common import Decoder
+from _common import Decoder, own_frame
 from dynamoq import DynaMoExperts
 from dynamoq.kernels import native_kernel
 from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
@@ -203,7 +203,7 @@ NO_AMX = "(no AMX)"                            # ... the native kernel without i
 
 
 def compile_layer(layer, fullgraph: bool, native: bool = True, amx: bool = True):
-    f = torch.compile(layer, fullgraph=fullgraph, options={**dynamoq.compile_options(), **EXTRA_OPTIONS})
+    f = torch.compile(own_frame(layer), fullgraph=fullgraph, options={**dynamoq.compile_options(), **EXTRA_OPTIONS})
 
     def run(x):
         torch._dynamo.mark_dynamic(x, 1)
@@ -288,12 +288,11 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
         notes.append(f"{shape}: {name} does not run here: {why}")
         print(f"  {name}: does not run: {why}", flush=True)
     # torchao's layers run in a phase of their own, after a dynamo reset, with the bf16 layers again as their
-    # reference: a backend failure on a torchao frame makes dynamo run that (shared) forward code eagerly
-    # from then on, which would silently turn every later variant eager too.
+    # reference: they break their graphs, so dynamo compiles the layer's inner frames, whose code every variant
+    # shares, and a backend failure there makes dynamo run that code eagerly from then on, which would
+    # silently turn every later variant eager too (and give those frames a cache entry per variant: the limit).
     phases = [[n for n in layers if not n.startswith("torchao")],
               [n for n in layers if n.startswith("bf16") or n.startswith("torchao")]]
-    # every variant is the same module class: one forward code object, a cache entry per variant and per
-    # decode / prefill graph; dynamo's default limit (8) is below that
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for threads in args.threads:
         if threads:
@@ -443,14 +442,12 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
                                   progress=False)
             models[label] = huge_pages(model)
         # interleaved, one step of each variant in turn, so that the machine's drift meets them all alike
-        # (every compiled model is one more cache entry of the same code: the limit is raised for them)
         decoders = {label: Decoder(m, prompt, args.e2e_tokens) for label, m in models.items()}
         times = {label: [] for label in labels}
-        with torch._dynamo.config.patch(cache_size_limit=64, accumulated_cache_size_limit=512):
-            for _ in range(args.e2e_tokens):
-                for label, d in decoders.items():
-                    with native_kernel(not label.endswith(INDUCTOR)):
-                        times[label].append(d.step())
+        for _ in range(args.e2e_tokens):
+            for label, d in decoders.items():
+                with native_kernel(not label.endswith(INDUCTOR)):
+                    times[label].append(d.step())
         for label, model in models.items():
             tps = 1 / statistics.median(times[label][E2E_WARMUP:])
             with native_kernel(not label.endswith(INDUCTOR)):
