@@ -7,6 +7,7 @@ import platform
 import shlex
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -67,18 +68,17 @@ def evaluate(model, tok, domains, args, reference=None) -> dict:
 
 
 def own_frame(module):
-    """A function calling module(*args, **kwargs) with a code object of its own, to torch.compile in place of
-    the module. Dynamo keeps its compiled graphs per code object and, on every call, checks the guards of
-    the entries before the one that matches: modules of one class share their forward's code, so with
-    several variants compiled in one process each call of one also ran the failing guards of the others
-    (a real program compiles its one model). `bench_kernels.py --tokens 1 --threads 1 --variants bf16 dynamoq
-    --no-e2e` (7 variants a shape), modules -> own frames: 1-token DynaMo mixed 1.35 -> 1.12 ms at Qwen3 shape,
-    1.77 -> 1.28 at OLMoE shape; bf16 batched_mm 3.56 -> 3.38, 4.77 -> 4.28."""
-    code = compile("def frame(*args, **kwargs):\n    return module(*args, **kwargs)\n",
-                   f"<{type(module).__name__} {id(module):#x}>", "exec")
-    scope: dict = {}
-    exec(code, {"module": module}, scope)
-    return scope["frame"]
+    """module's forward, bound to it, with a copy of its code object, to torch.compile in place of the module.
+    Dynamo keeps its compiled graphs per code object and, on every call, checks the guards of the entries
+    before the one that matches: modules of one class share their forward's code, so with several variants
+    compiled in one process each call of one also ran the failing guards of the others (a real program
+    compiles its one model). `bench_kernels.py --tokens 1 --threads 1 --variants bf16 dynamoq --no-e2e`
+    (7 variants a shape), modules -> own frames: 1-token DynaMo mixed 1.35 -> 1.12 ms at Qwen3 shape,
+    1.77 -> 1.28 at OLMoE shape; bf16 batched_mm 3.56 -> 3.38, 4.77 -> 4.28. (Module hooks do not run.)"""
+    f = type(module).forward
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    copy.__kwdefaults__ = f.__kwdefaults__
+    return types.MethodType(copy, module)
 
 
 class Decoder:
