@@ -1,13 +1,16 @@
 """The fused expert kernels (dynamoq/kernels.py): the decode and prefill paths against the dequantized
 reference, compiled with torch.compile (fullgraph, dynamic token count, no recompilation), switching."""
+import gc
 import json
 import math
 import re
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from transformers import AutoConfig
@@ -258,6 +261,28 @@ def _bench():
     sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
     import bench_kernels
     return bench_kernels
+
+
+def test_benchmark_variants_compile_frames_of_their_own():
+    """recipes/_common.own_frame: each variant's compiled graphs live on a code object of its own (one
+    variant's calls never check another's guards), it computes what the module does, and a variant
+    dropped is freed (a wrapper with a globals dict of its own was kept alive by dynamo's guards)."""
+    bench_kernels = _bench()
+    from _common import own_frame
+    blocks = [bench_kernels.with_impl(bench_kernels.moe_layer("tiny"), "batched_mm") for _ in range(2)]
+    frames = [own_frame(b) for b in blocks]
+    codes = [f.__code__ for f in frames]
+    assert codes[0] is not codes[1] and all(c is not type(blocks[0]).forward.__code__ for c in codes)
+    x = bench_kernels.inputs(blocks[0], 3, 1)[0]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for b, f in zip(blocks, frames):
+            assert torch.allclose(torch.compile(f, fullgraph=True)(x).float(), b(x).float(), rtol=2e-2, atol=2e-3)
+    assert [len(_debug_get_cache_entry_list(c)) for c in codes] == [1, 1]
+    freed = weakref.ref(blocks[0])
+    del blocks, frames, b, f
+    gc.collect()
+    assert freed() is None
 
 
 def test_benchmark_merge_replaces_only_the_sizes_measured_again():
