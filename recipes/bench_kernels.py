@@ -2,7 +2,8 @@
 expert width 1024, 64 experts, top-8) and at Qwen3-30B-A3B shape (hidden 2048, width 768, 128 experts,
 top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side by side in one
 process (interleaved, median of --runs calls, each call routing a different input, each started from caches
-evicted alike: _evict). Every variant is compiled with dynamoq.compile_options(). Variants: bf16
+evicted alike: _evict). Every variant is compiled with dynamoq.compile_options(), as a frame of its own
+(_common.own_frame). Variants: bf16
 with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on the experts where
 they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
 native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
