@@ -83,8 +83,8 @@ def own_frame(module):
 
 class Decoder:
     """Greedy decode of one model, one token per step with a static cache, the decode step compiled
-    (fullgraph); step() times one step. Several Decoders can be stepped in turn (interleaved): each compiles a frame of
-    its own (own_frame)."""
+    (fullgraph); step() times one step. Several Decoders can be stepped in turn (interleaved): each compiles
+    a frame of its own (own_frame)."""
 
     def __init__(self, model, prompt, new_tokens: int):
         from transformers import StaticCache

@@ -3,9 +3,8 @@ expert width 1024, 64 experts, top-8) and at Qwen3-30B-A3B shape (hidden 2048, w
 top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side by side in one
 process (interleaved, median of --runs calls, each call routing a different input, each started from caches
 evicted alike: _evict). Every variant is compiled with dynamoq.compile_options(), as a frame of its own
-(_common.own_frame). Variants: bf16
-with transformers' grouped_mm and batched_mm; torchao int8 / int4 weight-only on the experts where
-they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
+(_common.own_frame). Variants: bf16 with transformers' grouped_mm and batched_mm; torchao int8 / int4
+weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
 native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
 AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
@@ -291,7 +290,7 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     # torchao's layers run in a phase of their own, after a dynamo reset, with the bf16 layers again as their
     # reference: they break their graphs, so dynamo compiles the layer's inner frames, whose code every variant
     # shares, and a backend failure there makes dynamo run that code eagerly from then on, which would
-    # silently turn every later variant eager too (and give those frames a cache entry per variant: the limit).
+    # silently turn every later variant eager too. Those shared frames take a cache entry per variant: the limit.
     phases = [[n for n in layers if not n.startswith("torchao")],
               [n for n in layers if n.startswith("bf16") or n.startswith("torchao")]]
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
