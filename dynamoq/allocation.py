@@ -4,10 +4,15 @@
           ordered by centre -> 8/6/4/2 bits, an expert on a cluster boundary takes the lower width.
 - budget: an exact average: minimise sum over experts of significance x quantization error, with
           the stored bits (codes + scales + zeros) averaged over all routed-expert weights <= target.
+          With an analysis that has the loss sensitivity (the default), significance is S_loss and the
+          error weighs channels by the loss gradient, so that the sum estimates the loss added and
+          layers compare (their sensitivity differs 30-fold on the reference model); without it, S_exp,
+          which sums to 1 in every layer.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -54,14 +59,15 @@ def fuzzy_bits(significance: torch.Tensor, boundary: float = 0.1, m: float = 2.0
 OUTLIER_QUANTILE = 0.99   # E[x_c^2] above this quantile of an expert's channels counts as this quantile
 
 
-def output_error(w_nk: torch.Tensor, mean_x2: torch.Tensor, group_size: int, bits=BITS):
+def output_error(w_nk: torch.Tensor, mean_x2: torch.Tensor, group_size: int, bits=BITS, cap: bool = True):
     """Expected output error of RTN at each width, sum_c E[x_c^2] ||W[:, c] - Q(W)[:, c]||^2, and the
     output energy sum_c E[x_c^2] ||W[:, c]||^2. w_nk [E, N, K], mean_x2 [E, K] -> ([E, len(bits)], [E]).
     E[x_c^2] is capped at its OUTLIER_QUANTILE across channels: a massive activation (one channel with most
     of the energy, as in the reference model's layers 11 and 28, whose down_proj inputs hold 72-87% of
     their energy in one channel) would otherwise make every other channel's error look small."""
     m = mean_x2.float()
-    m = m.minimum(m.quantile(OUTLIER_QUANTILE, dim=-1, keepdim=True))
+    if cap:
+        m = m.minimum(m.quantile(OUTLIER_QUANTILE, dim=-1, keepdim=True))
     w = w_nk.float()
     energy = (w.pow(2).sum(-2) * m).sum(-1)
     g = w.unflatten(-1, (-1, group_size))                                          # [E, N, G, g]
@@ -136,12 +142,12 @@ def storage_average(bits_per_expert: list[int], sizes: list[int], group_size: in
 
 
 def with_prior(sig: torch.Tensor, prior: float) -> torch.Tensor:
-    """Mix a layer's significance [E] (sums to 1) with uniform traffic: (1 - prior) * sig + prior / E.
+    """Mix a layer's significance [E] with uniform traffic: (1 - prior) * sig + prior * mean(sig).
     Calibration data never covers every domain a model serves; an expert it rarely routes to may
     carry most of another domain's tokens, and without a prior it would take the lowest width."""
     if not 0 <= prior <= 1:
         raise QuantizationError(f"prior={prior} must be between 0 (calibration only) and 1 (uniform traffic)")
-    return (1 - prior) * sig + prior / sig.numel()
+    return (1 - prior) * sig + prior * sig.mean()
 
 
 def allocate(model, analysis, mode: str, group_size: int, target_bits: float | None = None,
@@ -158,10 +164,11 @@ def allocate(model, analysis, mode: str, group_size: int, target_bits: float | N
 
     analysis.check_model(model)
     blocks = {b.layer: b for b in adapters.moe_blocks(model)}
+    by_loss = mode == "budget" and analysis.has_sensitivity
     if mode == "frequency":
         sig = analysis.usage()
     else:
-        sig = analysis.synthesized(dataset_weights, lam)
+        sig = analysis.synthesized(dataset_weights, lam, loss=by_loss)
     sig = {layer: with_prior(s, prior) for layer, s in sig.items()}
     if mode == "fuzzy":
         return {layer: fuzzy_bits(sig[layer]) for layer in analysis.layers}
@@ -169,12 +176,17 @@ def allocate(model, analysis, mode: str, group_size: int, target_bits: float | N
         raise QuantizationError(f"unknown allocation {mode!r}; choose 'budget', 'fuzzy' or 'frequency'")
     if target_bits is None:
         raise QuantizationError(f"allocation={mode!r} needs target_bits= (average stored bits per expert weight)")
+    if mode == "budget" and not by_loss:
+        warnings.warn("the analysis has no loss sensitivity (analyze(sensitivity_tokens=0) or an older dynamoq): "
+                      "every layer weighs the same in the allocation", stacklevel=2)
     weights, sizes, errors, index = [], [], [], []
     for layer in tqdm(analysis.layers, desc="measuring quantization error", disable=not progress):
         ws = _weights_nk(blocks[layer])
-        # mean E[x^2] over the calibration datasets, per projection
-        mx = [sum(t) / len(analysis.datasets) for t in zip(*[analysis.mean_x2(d, layer) for d in analysis.datasets])]
-        per_proj = [output_error(w, m, group_size) for w, m in zip(ws, mx)]
+        if by_loss:     # channels weighted as the loss sees them; no cap (the loss gradient already weighs outliers)
+            per_proj = [output_error(w, g, group_size, cap=False) for w, g in zip(ws, analysis.gradient_x2(layer))]
+        else:           # mean E[x^2] over the calibration datasets, per projection
+            mx = [sum(t) / len(analysis.datasets) for t in zip(*[analysis.mean_x2(d, layer) for d in analysis.datasets])]
+            per_proj = [output_error(w, m, group_size) for w, m in zip(ws, mx)]
         err, energy = sum(e for e, _ in per_proj), sum(en for _, en in per_proj)
         errors.append(err / energy.clamp(min=1e-30)[:, None])
         weights.append(sig[layer].double())

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import adapters, significance
-from .calibration import LayerStats, calibrate
+from .calibration import LayerStats, calibrate, sensitivity
 from .tensors import _PackedWeight
 
 FORMAT_VERSION = 1
 MIN_TOKENS = 2  # an expert with fewer routed tokens gets a fallback for its channel statistics
+SENSITIVITY_TOKENS = 1024  # tokens per dataset of the pass with gradients (~1/3 of the analysis' time on the reference model)
 
 
 class AnalysisError(ValueError):
@@ -119,12 +120,35 @@ class Analysis:
         return {layer: significance.expert_significance(self.stats[dataset][layer].wx2, self.col2[layer])
                 for layer in self.layers}
 
+    @property
+    def has_sensitivity(self) -> bool:
+        """Whether every dataset went through the pass with gradients (analyze(sensitivity_tokens=...))."""
+        return all(self.stats[d][layer].gx2 is not None for d in self.datasets for layer in self.layers)
+
+    def loss_significance(self, dataset: str) -> dict[int, torch.Tensor]:
+        """S_loss per layer [E]: estimated loss per unit relative error of each expert (not normalised)."""
+        if not self.has_sensitivity:
+            raise AnalysisError("this analysis has no loss sensitivity: run dynamoq.analyze with sensitivity_tokens > 0")
+        return {layer: significance.loss_significance(self.stats[dataset][layer].gx2, self.col2[layer],
+                                                      float(self.stats[dataset][layer].grad_tokens))
+                for layer in self.layers}
+
+    def gradient_x2(self, layer: int) -> list[torch.Tensor]:
+        """gx2 per projection [E, K_p] summed over datasets; an expert no gradient token reached takes the
+        layer's mean expert (its channel profile is unknown, its scale does not matter: S_loss weighs it)."""
+        out = []
+        for p in range(len(self.col2[layer])):
+            g = sum(self.stats[d][layer].gx2[p] for d in self.datasets)
+            out.append(torch.where((g.sum(-1) > 0)[:, None], g, g.mean(0, keepdim=True)))
+        return out
+
     def synthesized(self, weights: dict[str, float] | None = None, lam: float = 1.0,
-                    datasets: list[str] | None = None) -> dict[int, torch.Tensor]:
-        """Cross-dataset significance per layer [E] (paper Eq. 2, METHOD.md's reading)."""
+                    datasets: list[str] | None = None, loss: bool = False) -> dict[int, torch.Tensor]:
+        """Cross-dataset significance per layer [E] (paper Eq. 2, METHOD.md's reading) of S_exp, or of
+        S_loss with loss=True."""
         names = datasets or self.datasets
         w = torch.tensor([float((weights or {}).get(d, 1.0)) for d in names], dtype=torch.float64)
-        per = [self.expert_significance(d) for d in names]
+        per = [(self.loss_significance if loss else self.expert_significance)(d) for d in names]
         return {layer: significance.synthesize(torch.stack([p[layer] for p in per]), w, lam)
                 for layer in self.layers}
 
@@ -217,21 +241,35 @@ def _windows(name, data, tokenizer, model, seq_len, max_tokens):
 
 
 def analyze(model, datasets: dict, tokenizer=None, seq_len: int = 256, max_tokens: int | None = 16384,
-            batch_size: int = 8, balanced: bool = False, progress: bool = True) -> Analysis:
+            batch_size: int = 8, balanced: bool = False, sensitivity_tokens: int = SENSITIVITY_TOKENS,
+            progress: bool = True) -> Analysis:
     """Calibrate on each named dataset (list of strings with tokenizer=, or LongTensor [N, T]) and
-    return the Analysis. Under torchrun / accelerate launch the windows are sharded over processes
-    and the sums reduced, so every process gets the same Analysis as one process would."""
+    return the Analysis. sensitivity_tokens: tokens of each dataset (its first windows) that also go
+    through a pass with gradients, for the loss sensitivity that weighs layers against each other in
+    the budget allocation (0 skips it). Under torchrun / accelerate launch the windows are sharded over
+    processes and the sums reduced, so every process gets the same Analysis as one process would."""
+    if sensitivity_tokens < 0:
+        raise AnalysisError(f"sensitivity_tokens={sensitivity_tokens} must be 0 (no pass with gradients) or more")
     if not datasets:
         raise AnalysisError("analyze needs at least one dataset: {name: texts or token tensor}")
     blocks = adapters.moe_blocks(model)
     t0 = time.perf_counter()
-    stats, tokens, windows = {}, {}, {}
+    stats, tokens, windows, grad_seconds = {}, {}, {}, 0.0
     for name, data in datasets.items():
         w = _windows(name, data, tokenizer, model, seq_len, max_tokens)
         tokens[name], windows[name] = int(w.numel()), w
         stats[name] = calibrate(model, w, batch_size, balanced, desc=f"analysing {name}", progress=progress)
+        if sensitivity_tokens:
+            n = min(w.shape[0], -(-sensitivity_tokens // w.shape[1]))          # whole windows
+            t1 = time.perf_counter()
+            gx2, predicted = sensitivity(model, w[:n], desc=f"loss sensitivity {name}", progress=progress)
+            grad_seconds += time.perf_counter() - t1
+            for layer, g in gx2.items():
+                stats[name][layer].gx2 = g
+                stats[name][layer].grad_tokens = torch.tensor(float(predicted), dtype=torch.float64)
     col2 = {b.layer: [significance.column_energy(w).double().cpu() for w in _weights_nk(b)] for b in blocks}
-    meta = {"tokens": tokens, "seconds": time.perf_counter() - t0, "balanced": balanced, "seq_len": seq_len}
+    meta = {"tokens": tokens, "seconds": time.perf_counter() - t0, "sensitivity_seconds": grad_seconds,
+            "balanced": balanced, "seq_len": seq_len}
     stats = {d: {layer: LayerStats(**{k: (v.cpu() if isinstance(v, torch.Tensor) else
                                           [t.cpu() for t in v] if v is not None else None)
                                       for k, v in vars(s).items()})

@@ -7,6 +7,9 @@ For each MoE layer and each projection p (0: gate_up / up, 1: down) with K_p inp
   wx2    [E, K_p]   the same, each token weighted by its routing weight
   all_x2 [E, K_p]   with balanced=True: every token through every expert (for experts short of tokens)
   hessian[E, K_p, K_p]  on demand (GPTQ), float64 sums of per-batch float32 X^T X of the routed tokens
+  gx2    [E, K_p]   from `sensitivity` (a pass with gradients): the same as x2, each token weighted by
+                    ||dL/d(output of projection p)||^2 / N_p, the loss gradient at that expert's output
+  grad_tokens []    tokens of the pass with gradients
 With keep_inputs=True the hook also keeps the experts' inputs of the current pass, so that GPTQ can
 form the expert-balanced Hessian (every token through the expert) of just the experts short of
 routed tokens, instead of every expert's.
@@ -39,14 +42,17 @@ class LayerStats:
     all_x2: list[torch.Tensor] | None = None
     all_count: torch.Tensor | None = None
     hessian: list[torch.Tensor] | None = None
+    gx2: list[torch.Tensor] | None = None
+    grad_tokens: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"count": self.count, "weight": self.weight}
-        for name in ("x2", "wx2", "all_x2", "hessian"):
+        for name in ("x2", "wx2", "all_x2", "hessian", "gx2"):
             for p, t in enumerate(getattr(self, name) or []):
                 out[f"{name}.{p}"] = t
-        if self.all_count is not None:
-            out["all_count"] = self.all_count
+        for name in ("all_count", "grad_tokens"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
@@ -55,7 +61,7 @@ class LayerStats:
             ps = sorted(int(k.split(".")[1]) for k in t if k.startswith(name + "."))
             return [t[f"{name}.{p}"] for p in ps] or None
         return cls(t["count"], t["weight"], lst("x2"), lst("wx2"), lst("all_x2"), t.get("all_count"),
-                   lst("hessian"))
+                   lst("hessian"), lst("gx2"), t.get("grad_tokens"))
 
 
 def _routing_args(args, kwargs):
@@ -66,27 +72,50 @@ def _routing_args(args, kwargs):
     return vals
 
 
+def _project(experts, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Projection `name` of fused expert e on x [T, K] -> [T, N] in float32 (bias included)."""
+    w = getattr(experts, name)[e].float()
+    y = x @ w if experts.is_transposed else x @ w.t()
+    return y + getattr(experts, name + "_bias")[e].float() if experts.has_bias else y
+
+
+def _activate(experts, u: torch.Tensor) -> torch.Tensor:
+    """The first projection's output u [T, N_0] -> the down projection's input [T, I]."""
+    return experts._apply_gate(u) if experts.has_gate else experts.act_fn(u)
+
+
+def _finish(experts, z: torch.Tensor) -> torch.Tensor:
+    """The down projection's output z [T, H] -> the expert's output (after a post-expert norm if any)."""
+    if getattr(experts, "has_post_expert_norm", False):
+        return experts.post_expert_norm(z.to(experts.down_proj.dtype)).float()
+    return z
+
+
+def _first_name(experts) -> str:
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
 def expert_inputs(experts, e: int, x: torch.Tensor) -> list[torch.Tensor]:
     """Inputs of each projection of fused expert e for tokens x [T, H]: [x, act(gate_up(x))]."""
-    first = "gate_up_proj" if experts.has_gate else "up_proj"
-    w = getattr(experts, first)[e].float()
-    h = x @ w if experts.is_transposed else x @ w.t()
-    if experts.has_bias:
-        h = h + getattr(experts, first + "_bias")[e].float()
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    return [x, h]
+    return [x, _activate(experts, _project(experts, _first_name(experts), e, x))]
 
 
 def expert_output(experts, e: int, h: torch.Tensor) -> torch.Tensor:
     """Output of fused expert e from its down projection's input h [T, I] -> [T, H] (float32, before the
     routing weight), as transformers' experts forward computes it."""
-    w = experts.down_proj[e].float()
-    y = h @ w if experts.is_transposed else h @ w.t()
-    if experts.has_bias:
-        y = y + experts.down_proj_bias[e].float()
-    if getattr(experts, "has_post_expert_norm", False):
-        y = experts.post_expert_norm(y.to(experts.down_proj.dtype)).float()
-    return y
+    return _finish(experts, _project(experts, "down_proj", e, h))
+
+
+def output_gradients(experts, e: int, x: torch.Tensor, g: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For tokens x [T, H] routed to expert e, with g [T, H] the loss gradient at the expert's output
+    (the routing weight already applied): each projection's inputs [x, h] and the loss gradient at
+    each projection's output [dL/du [T, N_0], dL/dz [T, H]]."""
+    with torch.enable_grad():
+        u = _project(experts, _first_name(experts), e, x.detach()).requires_grad_(True)
+        h = _activate(experts, u)
+        z = _project(experts, "down_proj", e, h)
+        gu, gz = torch.autograd.grad(_finish(experts, z), [u, z], g)
+    return [x, h.detach()], [gu, gz]
 
 
 def _gram(t: torch.Tensor) -> torch.Tensor:
@@ -325,3 +354,101 @@ def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool 
     stats.update({name: h.stats for name, h in lin.items() if h.stats is not None})
     all_reduce_(stats)
     return stats
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Within the block no parameter asks for a gradient (a pass with gradients for the activations only)."""
+    asked = [p for p in model.parameters() if p.requires_grad]
+    for p in asked:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in asked:
+            p.requires_grad_(True)
+
+
+def sensitivity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "loss sensitivity",
+                progress: bool = True) -> tuple[dict[int, list[torch.Tensor]], int]:
+    """One pass with gradients over windows [N, T] (this process's shard): for every MoE layer and
+    projection p, gx2 [E, K_p] = sum over tokens t routed to expert e of ||dL/dy_p||^2 / N_p * x_c^2,
+    where y_p [N_p] is that projection's output for the token, x its input and L the summed next-token
+    loss. sum_c gx2[e, c] * ||dW[:, c]||^2 then estimates what an error dW of the projection's weight
+    adds to the loss (errors of separate outputs and channels taken as independent). Returns the sums,
+    reduced over processes, and the number of predicted tokens. Parameters get no gradients."""
+    rank, world = rank_world()
+    shard = windows[rank::world]
+    device = input_device(model)
+    blocks = adapters.moe_blocks(model)
+    for b in blocks:
+        if b.adapter.calibration is not None:
+            raise NotImplementedError(f"the loss sensitivity of {type(b.experts).__name__} is not supported yet: "
+                                      f"{b.adapter.calibration}")
+    seen: dict[int, list] = {}                 # layer -> [x [T, H], idx [T, k], w [T, k], dL/d(output) [T, H]]
+    sums: dict[int, list[torch.Tensor]] = {}
+
+    def pre(layer, module, args, kwargs):
+        x, idx, w = _routing_args(args, kwargs)
+        seen[layer] = [x.detach().reshape(-1, x.shape[-1]).float(), idx.reshape(x.numel() // x.shape[-1], -1),
+                       w.detach().reshape(x.numel() // x.shape[-1], -1).float()]
+
+    def post(layer, module, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        if out.requires_grad:
+            out.register_hook(lambda g: seen[layer].append(g.detach().reshape(-1, g.shape[-1]).float()))
+
+    def leaf(module, args, out):              # the embeddings' output starts the graph
+        return out.detach().requires_grad_(True)
+
+    handles = [model.get_input_embeddings().register_forward_hook(leaf)]
+    for b in blocks:
+        handles.append(b.experts.register_forward_pre_hook(functools.partial(pre, b.layer), with_kwargs=True))
+        handles.append(b.experts.register_forward_hook(functools.partial(post, b.layer)))
+    tokens = 0
+    try:
+        with _frozen(model), torch.enable_grad():
+            for i in tqdm(range(0, shard.shape[0], batch_size), desc=desc, disable=not progress or rank != 0,
+                          unit="batch"):
+                ids = shard[i:i + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1), reduction="sum")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss is not finite on batch {i // batch_size} ({desc}); "
+                                             "check the weights and dtype")
+                loss.backward()
+                tokens += ids[:, 1:].numel()
+                for b in blocks:
+                    if len(seen.get(b.layer, ())) == 4:
+                        _add_sensitivity(b, sums.setdefault(b.layer, []), *seen.pop(b.layer))
+                seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [b.layer for b in blocks if b.layer not in sums]
+    if missing:
+        raise RuntimeError(f"MoE layers {missing} got no loss gradient: the model never called their experts")
+    if world > 1:
+        for s in sums.values():
+            for t in s:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        n = torch.tensor(float(tokens), device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.SUM)
+        tokens = int(n)
+    return {layer: [t.cpu() for t in s] for layer, s in sums.items()}, tokens
+
+
+@torch.no_grad()
+def _add_sensitivity(block: adapters.MoEBlock, acc: list[torch.Tensor], x, idx, w, g) -> None:
+    """Add one batch to gx2 (acc: one [E, K_p] float64 sum per projection, made on first use)."""
+    experts = block.experts
+    with align_module_device(experts, x.device):
+        for e in torch.unique(idx).tolist():
+            tok, kpos = (idx == e).nonzero(as_tuple=True)
+            inputs, grads = output_gradients(experts, e, x[tok], g[tok] * w[tok, kpos, None])
+            if not acc:
+                acc.extend(torch.zeros(block.num_experts, t.shape[-1], dtype=torch.float64, device=x.device)
+                           for t in inputs)
+            for p, (t, gr) in enumerate(zip(inputs, grads)):
+                acc[p][e] += gr.double().pow(2).mean(-1) @ t.double().pow(2)

@@ -274,7 +274,8 @@ def cmd_quantize(args) -> int:
     elif texts:
         with _step(args, f"analysing on {', '.join(texts)}", timings, "analysis"):
             analysis = dynamoq.analyze(model, texts, tokenizer=tokenizer, seq_len=args.seq_len,
-                                       max_tokens=args.max_tokens, progress=_progress(args))
+                                       max_tokens=args.max_tokens, sensitivity_tokens=args.sensitivity_tokens,
+                                       progress=_progress(args))
 
     # evaluation of the full-precision model and of a uniform baseline, before quantizing
     evals: dict[str, tuple[dict, float | None]] = {}
@@ -400,7 +401,8 @@ def cmd_analyze(args) -> int:
     tokenizer = _tokenizer(args, _model_dir(model, args.model))
     with _step(args, f"analysing on {', '.join(texts)}", timings, "analysis"):
         analysis = dynamoq.analyze(model, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                   batch_size=args.batch_size, balanced=args.balanced, progress=_progress(args))
+                                   batch_size=args.batch_size, balanced=args.balanced,
+                                   sensitivity_tokens=args.sensitivity_tokens, progress=_progress(args))
     analysis.meta["model"] = name
     out = Path(args.out)
     analysis.save(out)
@@ -408,6 +410,8 @@ def cmd_analyze(args) -> int:
     if not args.no_plots:
         with _step(args, "drawing the plots and the report", timings, "report"):
             files["significance"] = plots.significance(analysis, out / "plots" / "significance.png")
+            if analysis.has_sensitivity:
+                files["sensitivity"] = plots.sensitivity(analysis, out / "plots" / "sensitivity.png")
             files["routing"] = plots.routing(analysis, out / "plots" / "routing.png")
             files["dynamics"] = plots.dynamics(analysis, out / "plots" / "dynamics.png")
             files["report"] = htmlreport.build(out)["path"]
@@ -666,6 +670,13 @@ def _data_options(p, split: bool = False, seq_len: int = 256, max_tokens: int | 
                        help="split of the built-in domains (default test)")
 
 
+def _sensitivity_option(p):
+    from .analysis import SENSITIVITY_TOKENS
+    p.add_argument("--sensitivity-tokens", type=int, default=SENSITIVITY_TOKENS, metavar="N",
+                   help=f"tokens per dataset that also go through a pass with gradients, for the loss sensitivity "
+                        f"that weighs layers in the budget allocation (default {SENSITIVITY_TOKENS}; 0 skips it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
@@ -712,19 +723,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-max-tokens", type=int, default=32768)
     q.add_argument("--baseline-bits", type=int, choices=(2, 3, 4, 6, 8),
                    help="with --eval: also evaluate a uniform baseline at these bits (same quantizer)")
+    _sensitivity_option(q)
     q.add_argument("--out", metavar="DIR", help="save the quantized model (save_pretrained), its tokenizer, the "
                    "analysis, evaluations and a run record for `dynamoq report`")
     q.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("analyze", parents=[common], help="multi-level analysis on datasets, with plots and a report",
                        description="Calibrate on each dataset and write the Analysis (safetensors + JSON), PNG plots "
-                                   "(expert significance, routing, channel dynamics) and report.html.")
+                                   "(expert significance, loss sensitivity, routing, channel dynamics) and report.html.")
     a.add_argument("model", nargs="?", help="path of a transformers MoE checkpoint (default: the reference model)")
     _data_options(a)
     a.add_argument("--out", default="analysis", metavar="DIR", help="output directory (default ./analysis)")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--balanced", action="store_true",
                    help="also run every token through every expert (a fallback for experts short of tokens)")
+    _sensitivity_option(a)
     a.add_argument("--no-plots", action="store_true", help="write the analysis only")
     a.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     a.set_defaults(func=cmd_analyze)

@@ -21,7 +21,9 @@ class DynaMoConfig(AOBaseConfig):
       expert_bits:  {decoder layer index: [bits of expert 0, 1, ...]}, explicit;
       allocation / target_bits with analysis (or datasets): the DynaMo baseline.
           allocation="budget" (default when target_bits is set): exact average of stored bits
-          (codes + scales + zeros) <= target_bits, minimising significance-weighted error;
+          (codes + scales + zeros) <= target_bits, minimising significance-weighted error; with an
+          analysis that has the loss sensitivity (analyze's default) the sum estimates the loss the
+          errors add, so that layers the loss is more sensitive to get more bits;
           allocation="fuzzy": the paper's fuzzy c-means clustering to 8/6/4/2 bits;
           allocation="frequency": the budget with routing frequency as significance (ablation);
       bits:         uniform bit-width (2, 3, 4, 6 or 8); 4 if nothing else decides.

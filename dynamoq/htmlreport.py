@@ -268,6 +268,10 @@ def _analysis_sections(analysis, tmp: Path) -> tuple[str, int]:
         rows.append([_e(d), f"{analysis.meta.get('tokens', {}).get(d, 0):,}", f"{sum(ent) / len(ent):.3f}",
                      str(sum(1 for f in fallbacks if f["dataset"] == d))])
     out.append(_table(["dataset", "tokens", "routing entropy (1 = balanced)", "experts short of tokens"], rows))
+    if analysis.has_sensitivity:
+        out.append("<h2>Loss sensitivity per layer</h2>")
+        out.append(_img(plots.sensitivity(analysis, tmp / "sensitivity.png"), "loss sensitivity"))
+        n += 1
     out.append("<h2>Routing</h2>")
     out.append(_img(plots.routing(analysis, tmp / "routing.png"), "routing histograms"))
     n += 1

@@ -1,5 +1,5 @@
-"""PNG plots of an Analysis and of a quantization: expert significance, routing, channel dynamics,
-bits per expert. Each function draws one figure into `path` and returns the path.
+"""PNG plots of an Analysis and of a quantization: expert significance, loss sensitivity, routing,
+channel dynamics, bits per expert. Each function draws one figure into `path` and returns the path.
 
 matplotlib is used through `Figure` and its Agg canvas only (no pyplot), so importing this module
 never changes the backend of an interactive session and works without a display.
@@ -85,6 +85,23 @@ def significance(analysis, path) -> str:
     fig.suptitle("Expert significance per layer and dataset")
     return _save(fig, path)
 
+
+def sensitivity(analysis, path) -> str:
+    """Loss sensitivity per layer: the sum over the layer's experts of S_loss (the loss an equal relative
+    error of every expert would add), one line per dataset, on a log scale. The budget allocation gives
+    bits where it is high."""
+    layers = analysis.layers
+    fig = _figure(min(10.0, 4.0 + 0.15 * len(layers)), 3.6)
+    ax = fig.subplots()
+    for d in analysis.datasets:
+        s = analysis.loss_significance(d)
+        ax.plot(layers, [float(s[layer].sum()) for layer in layers], marker="o", markersize=3, label=d)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("S_loss, summed over experts")
+    ax.legend(fontsize=8)
+    ax.set_title("Loss sensitivity per layer")
+    return _save(fig, path)
 
 def routing(analysis, path) -> str:
     """Routing histograms: per layer (at most MAX_PANELS, evenly spaced), the share of the layer's

@@ -8,6 +8,7 @@ reference model. Calibrate on 3 domains, evaluate on every domain's test split.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -21,6 +22,13 @@ from dynamoq import DynaMoConfig
 from dynamoq.packing import storage_bits
 
 PRIOR = 0.5        # weight of uniform traffic in the prior row
+
+
+def without_sensitivity(analysis):
+    """The analysis as if made with sensitivity_tokens=0."""
+    stats = {d: {k: dataclasses.replace(st, gx2=None, grad_tokens=None) for k, st in per.items()}
+             for d, per in analysis.stats.items()}
+    return dataclasses.replace(analysis, stats=stats, _memo={})
 
 
 def zero_shot(model, tok, items) -> float:
@@ -47,8 +55,8 @@ def main():
     p = parser(__doc__)
     p.add_argument("--target-bits", type=float, default=3.0)
     p.add_argument("--rows", nargs="*", default=None,
-                   help="measure only the rows whose names contain these words and merge them into the stored "
-                        "results (which must come from the same settings)")
+                   help="measure only the rows whose names contain these words (or are this name) and merge them "
+                        "into the stored results (which must come from the same settings)")
     args = p.parse_args()
     path, fp, tok = load(args)
     domains = args.domains or dynamoq.data.domains()
@@ -68,6 +76,10 @@ def main():
         "GPTQ 4-bit": DynaMoConfig(bits=4, analysis=analysis, quantizer="gptq", **common),
         f"DynaMo BQ budget {args.target_bits}": DynaMoConfig(analysis=analysis, target_bits=args.target_bits,
                                                               quantizer="gptq", **common),
+        # ablation: the same budget without the loss sensitivity, S_exp (sums to 1 in every layer) weighing the
+        # capped relative error, so every layer counts the same (the allocation before the sensitivity existed)
+        f"DynaMo BQ budget {args.target_bits}, layers weighed alike": lambda: DynaMoConfig(
+            analysis=without_sensitivity(analysis), target_bits=args.target_bits, quantizer="gptq", **common),
         # the same storage as uniform 3-bit (codes + scales + zeros of group g): the like-for-like comparison
         f"DynaMo BQ budget {storage_bits(3, g):g} (= GPTQ 3-bit storage)": DynaMoConfig(
             analysis=analysis, target_bits=storage_bits(3, g), quantizer="gptq", **common),
@@ -88,8 +100,10 @@ def main():
     stored = {}
     if args.rows:
         stored = merge_base(args)
+        exact = [r for r in args.rows if r.lower() in (k.lower() for k in rows)]     # a full name: that row only
         rows = {k: v for k, v in rows.items()
-                if (k == "FP" and "FP" not in stored) or any(r.lower() in k.lower() for r in args.rows)}
+                if (k == "FP" and "FP" not in stored) or k.lower() in (r.lower() for r in exact)
+                or any(r.lower() in k.lower() for r in args.rows if r not in exact)}
     command = shlex.join(["baseline.py"] + sys.argv[1:])
     code = revision()
     measured = {}

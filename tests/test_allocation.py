@@ -127,3 +127,24 @@ def test_prior_mixes_uniform_traffic_and_lifts_an_unseen_expert():
     assert without[2] == without[3] == 2 and with_[2] > 2
     with pytest.raises(QuantizationError, match="prior"):
         with_prior(sig, 1.5)
+
+
+def test_budget_weighs_layers_by_their_loss_sensitivity():
+    """With the loss sensitivity, a layer the loss is far more sensitive to takes the bits, whichever it is."""
+    import dynamoq
+    from conftest import build
+    m = build("mixtral")
+    w = torch.randint(0, m.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    a = dynamoq.analyze(m, {"x": w, "y": w.flip(0)}, progress=False)
+    assert a.layers == [0, 1]
+    means = []
+    for loud in (0, 1):
+        for d in a.datasets:
+            for layer in a.layers:
+                a.stats[d][layer].gx2 = [g * (1e4 if layer == loud else 1e-4) for g in a.stats[d][layer].gx2]
+        bits = dynamoq.allocation.allocate(m, a, "budget", 32, 3.0, progress=False)
+        means.append({layer: sum(b) / len(b) for layer, b in bits.items()})
+        for d in a.datasets:                     # undo
+            for layer in a.layers:
+                a.stats[d][layer].gx2 = [g / (1e4 if layer == loud else 1e-4) for g in a.stats[d][layer].gx2]
+    assert means[0][0] > means[0][1] and means[1][1] > means[1][0]

@@ -9,7 +9,7 @@ from conftest import build
 
 import dynamoq
 from dynamoq.analysis import Analysis, AnalysisError, analyze
-from dynamoq.calibration import calibrate
+from dynamoq.calibration import calibrate, sensitivity
 
 
 def _windows(model, n=6, t=16, seed=0):
@@ -87,6 +87,84 @@ def test_statistics_under_accelerate_cpu_offload_are_the_same():
 
 
 
+
+def _sensitivity_by_hand(model, windows):
+    """gx2 of every MoE layer from the model's own autograd for dL/d(experts output) and hand-written
+    derivatives of a SiLU-gated expert, token by token."""
+    calls, handles = {}, []
+    for b in dynamoq.moe_blocks(model):
+        def pre(m, args, layer=b.layer):
+            calls[layer] = [a.detach().clone() for a in args[:3]]
+        def post(m, args, out, layer=b.layer):
+            out.register_hook(lambda g: calls[layer].append(g.detach().clone()))
+        handles += [b.experts.register_forward_pre_hook(pre), b.experts.register_forward_hook(post)]
+    out, tokens = {}, 0
+    for i in range(windows.shape[0]):
+        ids = windows[i:i + 1]
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                          reduction="sum").backward()
+        tokens += ids.shape[1] - 1
+        for b in dynamoq.moe_blocks(model):
+            x, idx, w, g = (t.double() for t in calls[b.layer])
+            gu, down = b.experts.gate_up_proj.detach().double(), b.experts.down_proj.detach().double()
+            acc = out.setdefault(b.layer, [torch.zeros(b.num_experts, gu.shape[-1], dtype=torch.float64),
+                                           torch.zeros(b.num_experts, down.shape[-1], dtype=torch.float64)])
+            for t in range(x.shape[0]):
+                for k in range(idx.shape[1]):
+                    e, v = int(idx[t, k]), w[t, k] * g[t]                   # dL/d(expert output)
+                    a, up = (gu[e] @ x[t]).chunk(2)
+                    sig = torch.sigmoid(a)
+                    h = a * sig * up
+                    dh = down[e].t() @ v
+                    du = torch.cat([dh * up * sig * (1 + a * (1 - sig)), dh * a * sig])
+                    acc[0][e] += du.pow(2).mean() * x[t] ** 2
+                    acc[1][e] += v.pow(2).mean() * h ** 2
+    for h in handles:
+        h.remove()
+    return out, tokens
+
+
+def test_loss_sensitivity_equals_a_naive_computation():
+    m = build("mixtral")
+    w = _windows(m, n=3)
+    got, tokens = sensitivity(m, w, batch_size=2, progress=False)
+    assert all(p.grad is None for p in m.parameters())          # no parameter got a gradient
+    assert all(p.requires_grad for p in m.parameters())         # and they are left as they were
+    ref, ref_tokens = _sensitivity_by_hand(m, w)
+    assert tokens == ref_tokens == 3 * 15
+    for layer, sums in ref.items():
+        for p in range(2):
+            assert (sums[p] > 0).any()
+            assert torch.allclose(got[layer][p], sums[p], rtol=1e-3, atol=1e-12), (layer, p)
+
+
+def test_loss_sensitivity_under_accelerate_cpu_offload_is_the_same():
+    from accelerate import cpu_offload
+    m = build("olmoe")
+    w = _windows(m, n=2)
+    ref, _ = sensitivity(m, w, progress=False)
+    cpu_offload(m, execution_device=torch.device("cpu"))
+    got, _ = sensitivity(m, w, progress=False)
+    for layer in ref:
+        for p in range(2):
+            assert torch.allclose(got[layer][p], ref[layer][p], rtol=1e-5), (layer, p)
+
+
+def test_the_pass_with_gradients_is_optional_and_the_allocation_says_what_it_misses():
+    m = build("mixtral")
+    w = _windows(m, n=4)
+    a = analyze(m, {"x": w}, sensitivity_tokens=20, progress=False)
+    assert a.has_sensitivity and int(a.stats["x"][0].grad_tokens) == 2 * 15      # two whole windows
+    b = analyze(m, {"x": w}, sensitivity_tokens=0, progress=False)
+    assert not b.has_sensitivity
+    with pytest.raises(AnalysisError, match="sensitivity_tokens"):
+        b.loss_significance("x")
+    with pytest.warns(UserWarning, match="no loss sensitivity"):
+        dynamoq.allocation.allocate(m, b, "budget", 32, 3.0, progress=False)
+    with pytest.raises(AnalysisError, match="sensitivity_tokens=-1"):
+        analyze(m, {"x": w}, sensitivity_tokens=-1, progress=False)
 
 def test_an_expert_without_tokens_gets_a_reported_fallback_never_nan():
     m = build("qwen3_moe")

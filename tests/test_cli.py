@@ -91,11 +91,15 @@ def test_analyze_writes_analysis_plots_and_report(capsys, model_dir, work):
     assert set(res["tokens"]) == {"drama", "french"} and all(n == 128 for n in res["tokens"].values())
     assert 0.0 < res["top1pct_share"] <= 1.0
     assert (out / "analysis.json").exists() and (out / "analysis.safetensors").exists()
-    for name in ("significance", "routing", "dynamics"):
+    for name in ("significance", "sensitivity", "routing", "dynamics"):
         assert Path(res["files"][name]).read_bytes().startswith(PNG)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
-    assert "Expert significance per dataset" in html and "Channel dynamics" in html
+    assert html.count("data:image/png;base64,") == 4
+    assert "Expert significance per dataset" in html and "Loss sensitivity per layer" in html
+    assert "Channel dynamics" in html
+    bare = run_json(capsys, "analyze", model_dir, "--data", "drama", "--max-tokens", "128", "--sensitivity-tokens", "0",
+                    "--out", work / "analysis-bare", *FAST)
+    assert "sensitivity" not in bare["files"] and "routing" in bare["files"]
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +176,11 @@ def test_adapt_prints_changes_and_saves(capsys, run_dir, tmp_path):
 def test_report_html_embeds_plots_and_tables(capsys, run_dir):
     res = run_json(capsys, "report", run_dir, "-q")
     html = Path(res["path"]).read_text()
-    assert res["images"] == 4 and html.count("data:image/png;base64,") == 4
+    assert res["images"] == 5 and html.count("data:image/png;base64,") == 5
     assert res["sections"][:4] == ["summary", "bits", "bytes", "perplexity"]
     assert html.count("<table>") >= 5
     for s in ("Bits per expert", "Perplexity", "uniform-3bit-rtn", "saved on routed experts against 16-bit", "Routing",
-              "Expert significance per dataset", "Channel dynamics", "drama", "fp"):
+              "Expert significance per dataset", "Loss sensitivity per layer", "Channel dynamics", "drama", "fp"):
         assert s in html
     assert "<script" not in html and "http://" not in html and "https://" not in html
 
@@ -189,7 +193,7 @@ def test_quantize_from_a_text_file_with_gptq(capsys, model_dir, tmp_path):
     assert all(b == [4, 4, 4, 4] for b in res["experts"].values())
     assert (tmp_path / "q" / "analysis" / "analysis.json").exists()
     rep = run_json(capsys, "report", tmp_path / "q", "-q")
-    assert "perplexity" in rep["sections"] and rep["images"] == 4
+    assert "perplexity" in rep["sections"] and rep["images"] == 5       # bits, significance, sensitivity, routing, dynamics
 
 
 def test_quantize_builtin_json(capsys):

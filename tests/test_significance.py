@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dynamoq.significance import (channel_dynamics, channel_significance, column_energy, expert_significance,
-                                  synthesize, top_share)
+                                  loss_significance, synthesize, top_share)
 
 
 def test_column_energy_by_hand():
@@ -56,3 +56,11 @@ def test_channel_dynamics_is_the_spread_of_each_channels_share():
 def test_top_share():
     dyn = torch.tensor([9.0] + [0.1] * 99)
     assert top_share(dyn, 0.01) == pytest.approx(9.0 / (9.0 + 9.9))
+
+
+def test_loss_significance_by_hand_and_not_normalised():
+    gx2 = [torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.5], [3.0]])]
+    col2 = [torch.tensor([[4.0, 1.0], [9.0, 9.0]]), torch.tensor([[2.0], [1.0]])]
+    s = loss_significance(gx2, col2, tokens=2)
+    assert torch.allclose(s, torch.tensor([(4 + 2 + 1) / 2, 3 / 2], dtype=torch.float64))
+    assert torch.allclose(loss_significance([g * 10 for g in gx2], col2, 2), 10 * s)
