@@ -6,7 +6,7 @@
           the stored bits (codes + scales + zeros) averaged over all routed-expert weights <= target.
           With an analysis that has the loss sensitivity (the default), significance is S_loss and the
           error weighs channels by the loss gradient, so that the sum estimates the loss added and
-          layers compare (their sensitivity differs 30-fold on the reference model); without it, S_exp,
+          layers compare (their sensitivity differs 27-fold on the reference model); without it, S_exp,
           which sums to 1 in every layer.
 """
 from __future__ import annotations

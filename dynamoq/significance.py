@@ -36,8 +36,8 @@ def loss_significance(gx2: list[torch.Tensor], col2: list[torch.Tensor], tokens:
     projection's output (calibration.sensitivity). S_loss times a relative error of the expert's weights
     (weighted by gx2 as well) estimates the loss that error adds. Unlike S_exp it is not normalised per
     layer, so that layers compare: on the reference model, 2-bit experts in one layer raised the loss
-    by 0.04 (layer 13) to 1.27 nats (layer 29), and this estimate ranked the 30 layers alike (Spearman
-    0.84, Pearson 0.93 between the logs; recipes/results/sensitivity.md)."""
+    by 0.04 (layer 16) to 1.19 nats (layer 29), and this estimate ranked the 30 layers alike (Spearman
+    0.79, Pearson 0.90 between the logs; S_exp x relative error: -0.24 and 0.03; recipes/results/sensitivity.md)."""
     s = sum((a.double() * b.double()).sum(-1) for a, b in zip(gx2, col2))
     return s / max(float(tokens), 1.0)
 
