@@ -57,7 +57,9 @@ def worker(args) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(state.device)
     windows = []
-    model.register_forward_pre_hook(lambda m, a, kw: windows.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
+    # windows of the calibration pass (the loss-sensitivity pass, with gradients, runs the first windows again)
+    model.register_forward_pre_hook(lambda m, a, kw: None if torch.is_grad_enabled() else
+                                    windows.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
     analysis = dynamoq.analyze(model, {d: dynamoq.data.load(d, "calib") for d in domains}, tokenizer=tok,
                                seq_len=args.seq_len, max_tokens=args.calib_tokens,
                                progress=state.is_main_process)
