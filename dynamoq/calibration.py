@@ -23,7 +23,7 @@ import contextlib
 import functools
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

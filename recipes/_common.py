@@ -154,5 +154,12 @@ def write(name: str, result: dict, table: str) -> None:
     print(header + table)
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation of two 1-D tensors (ties broken by position)."""
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
 def fmt_ppl(row) -> str:
     return f"{row['ppl']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]"

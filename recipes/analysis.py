@@ -11,16 +11,10 @@ import resource
 import time
 
 import torch
-from _common import load, parser, texts, write
+from _common import load, parser, spearman, texts, write
 
 import dynamoq
 from dynamoq.significance import top_share
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
 
 
 def main():

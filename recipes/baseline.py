@@ -14,7 +14,6 @@ import shlex
 import sys
 import time
 
-import torch
 from _common import CALIB, RESULTS, evaluate, fmt_ppl, fresh, load, parser, revision, texts, write
 
 import dynamoq

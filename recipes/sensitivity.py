@@ -5,7 +5,7 @@ on the calibration domains' validation splits is measured; it is set against the
 it (S_exp x relative error: every layer about the same).
 
     python recipes/sensitivity.py
-    python recipes/sensitivity.py --model tiny --calib-tokens 1024 --eval-tokens 512 --name sensitivity_smoke
+    python recipes/sensitivity.py --model tiny --calib-tokens 1024 --eval-tokens 512 --group-size 64 --name sensitivity_smoke
 """
 from __future__ import annotations
 
@@ -13,17 +13,12 @@ import math
 import time
 
 import torch
-from _common import CALIB, load, parser, texts, write
+from _common import CALIB, load, parser, spearman, texts, write
 
 import dynamoq
 from dynamoq.allocation import output_error
 from dynamoq.analysis import _weights_nk
 from dynamoq.packing import dequantize, quantize_rtn
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 @torch.no_grad()
