@@ -314,13 +314,17 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_(stats: dict[int, LayerStats]) -> None:
-    """Sum statistics over processes (no-op in a single process)."""
+def _sum_over_processes(tensors) -> None:
+    """Sum each tensor over processes, in place (no-op in a single process)."""
     if rank_world()[1] == 1:
         return
-    for s in stats.values():
-        for t in s.tensors().values():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_(stats: dict[int, LayerStats]) -> None:
+    """Sum statistics over processes (no-op in a single process)."""
+    _sum_over_processes(t for s in stats.values() for t in s.tensors().values())
 
 
 def input_device(model) -> torch.device:
@@ -390,8 +394,8 @@ def sensitivity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "
 
     def pre(layer, module, args, kwargs):
         x, idx, w = _routing_args(args, kwargs)
-        seen[layer] = [x.detach().reshape(-1, x.shape[-1]).float(), idx.reshape(x.numel() // x.shape[-1], -1),
-                       w.detach().reshape(x.numel() // x.shape[-1], -1).float()]
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        seen[layer] = [x, idx.reshape(x.shape[0], -1), w.detach().reshape(x.shape[0], -1).float()]
 
     def post(layer, module, args, out):
         out = out[0] if isinstance(out, tuple) else out
@@ -429,14 +433,9 @@ def sensitivity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "
     missing = [b.layer for b in blocks if b.layer not in sums]
     if missing:
         raise RuntimeError(f"MoE layers {missing} got no loss gradient: the model never called their experts")
-    if world > 1:
-        for s in sums.values():
-            for t in s:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        n = torch.tensor(float(tokens), device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.SUM)
-        tokens = int(n)
-    return {layer: [t.cpu() for t in s] for layer, s in sums.items()}, tokens
+    n = torch.tensor(float(tokens), device=device)
+    _sum_over_processes([n] + [t for s in sums.values() for t in s])
+    return {layer: [t.cpu() for t in s] for layer, s in sums.items()}, int(n)
 
 
 @torch.no_grad()

@@ -103,6 +103,7 @@ def sensitivity(analysis, path) -> str:
     ax.set_title("Loss sensitivity per layer")
     return _save(fig, path)
 
+
 def routing(analysis, path) -> str:
     """Routing histograms: per layer (at most MAX_PANELS, evenly spaced), the share of the layer's
     top-k slots each expert received, one series per dataset."""

@@ -99,10 +99,10 @@ def main():
     stored = {}
     if args.rows:
         stored = merge_base(args)
-        exact = [r for r in args.rows if r.lower() in (k.lower() for k in rows)]     # a full name: that row only
-        rows = {k: v for k, v in rows.items()
-                if (k == "FP" and "FP" not in stored) or k.lower() in (r.lower() for r in exact)
-                or any(r.lower() in k.lower() for r in args.rows if r not in exact)}
+        names, wanted = {k.lower() for k in rows}, [r.lower() for r in args.rows]
+        # a full row name selects that row only, other words every row whose name contains them
+        picked = lambda k: any(r == k if r in names else r in k for r in wanted)  # noqa: E731
+        rows = {k: v for k, v in rows.items() if (k == "FP" and "FP" not in stored) or picked(k.lower())}
     command = shlex.join(["baseline.py"] + sys.argv[1:])
     code = revision()
     measured = {}

@@ -4,9 +4,9 @@ top-8), bf16 activations, torch.compile'd, 1 and 2 threads, every variant side b
 process (interleaved, median of --runs calls, each call routing a different input, each started from caches
 evicted alike: _evict). Every variant is compiled with dynamoq.compile_options(), as a frame of its own
 (_common.own_frame). Variants: bf16 with transformers' grouped_mm and batched_mm; torchao int8 / int4
-weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits, ~3 storage bits); on a CPU with the
-native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)", and where it has
-AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
+weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits,
+~3 storage bits); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it,
+"(Inductor loops)", and where it has AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
 and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
 batched_mm, with its perplexity through the decode path (on a GPU, which has no copy of it: an

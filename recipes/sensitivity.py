@@ -46,6 +46,7 @@ def main():
                      for d in CALIB])
     base = mean_loss(model, val)
     blocks = {b.layer: b for b in dynamoq.moe_blocks(model)}
+    s_exp = a.synthesized()
     rows = {}
     for layer in a.layers:
         b = blocks[layer]
@@ -53,14 +54,15 @@ def main():
         rounded = [torch.stack([dequantize(*quantize_rtn(w[e].float(), args.bits, args.group_size))
                                 for e in range(w.shape[0])]) for w in ws]
         # the estimate: sum over experts, projections, channels of gx2 * ||dW[:, c]||^2 per token, mean over domains
-        col = [(q - w.float()).pow(2).sum(-2).double() for q, w in zip(rounded, ws)]          # [E, K_p]
-        est = sum(float(sum((s.gx2[p] * c).sum() for p, c in enumerate(col)) / float(s.grad_tokens))
+        # (output_error with gx2 as the channel weights, as the allocation computes it)
+        est = sum(float(sum(output_error(w, g, args.group_size, bits=(args.bits,), cap=False)[0].sum()
+                            for w, g in zip(ws, s.gx2)) / float(s.grad_tokens))
                   for s in (a.stats[d][layer] for d in CALIB)) / len(CALIB)
         # what the allocation weighed without the sensitivity: S_exp (sums to 1 a layer) x capped relative error
         mx = [sum(t) / len(CALIB) for t in zip(*[a.mean_x2(d, layer) for d in CALIB])]
         per = [output_error(w, m, args.group_size, bits=(args.bits,)) for w, m in zip(ws, mx)]
         rel = (sum(e for e, _ in per) / sum(en for _, en in per)[:, None])[:, 0]
-        old = float((a.synthesized()[layer] * rel.double()).sum())
+        old = float((s_exp[layer] * rel.double()).sum())
         saved = []
         for proj, q in zip(b.projections, rounded):
             param = getattr(b.experts, proj.name)
