@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .config import QUANTIZERS
 from .htmlreport import _jsonable
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -712,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target-bits", type=float, help="average stored bits per expert weight (budget allocation)")
     q.add_argument("--allocation", choices=("budget", "fuzzy", "frequency"),
                    help="how bits are chosen from the analysis (default: budget with --target-bits, else fuzzy)")
-    q.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn", help="base quantizer (gptq needs data)")
+    q.add_argument("--quantizer", choices=QUANTIZERS, default="rtn",
+                   help="base quantizer: rtn (fastest), clip (searched grids, data-free) or gptq (needs data)")
     q.add_argument("--cache-fraction", type=float, default=0.01,
                    help="share of each expert's input channels cached for run-time switching (with data; default 0.01)")
     q.add_argument("--cache-projections", choices=("input", "all"), default="input",

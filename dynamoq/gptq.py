@@ -11,40 +11,17 @@ from tqdm.auto import tqdm
 
 from . import adapters
 from .calibration import collecting, collecting_linears, input_device
-from .packing import QuantizationError, rounding_error
+from .packing import DATA_FREE, QuantizationError, searched_grid
 from .tensors import dequantized_once
 
-MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest
+MIN_TOKENS = 32   # fewer routed tokens: the expert-balanced Hessian, else round-to-nearest (FALLBACK)
+FALLBACK = "clip"  # the data-free quantizer of what GPTQ has no Hessian for: searched grids like its own
 BLOCK = 32        # columns updated element-wise per column; the rest by one matrix product per block
 # An expert's Hessian from n routed tokens in K dimensions is damped by at least TOKEN_DAMP * K / n of its
 # mean diagonal (shrinkage towards the identity: few tokens estimate a K x K matrix badly, and GPTQ would
 # fit their noise). On the reference model (3-bit, validation perplexity): chinese 19.07 -> 16.80, bible
 # 9.08 -> 8.37, calibration domains within 1% (drama 32.25 -> 32.35, german 31.39 -> 31.08); 4 was worse.
 TOKEN_DAMP = 1.0
-
-
-SHRINK = torch.linspace(1.0, 0.55, 10)   # fractions of a group's range tried for its grid
-
-
-def _group_grid(w: torch.Tensor, qmax: torch.Tensor, weight: torch.Tensor):
-    """Asymmetric grid of one group w [B, N, g] (the range always holds 0), qmax [B, 1], weight [B, g]
-    -> scale, zero [B, N]. The group's range is shrunk by the fraction in SHRINK whose rounding error
-    sum_j weight_j (w_j - q_j)^2 is least: clipping a few large weights buys a finer grid for the rest.
-    On the reference model (3-bit GPTQ, validation perplexity) this lowered drama 33.99 -> 32.25 and
-    chinese 22.10 -> 19.07; with its bible expert at 2 bits, bible 28.38 -> 14.47."""
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)                           # [B, N]
-    best = scale = zero = None
-    for f in SHRINK.tolist():
-        s = ((hi - lo) * f / qmax).clamp(min=1e-6).half().float()
-        z = torch.minimum((-lo * f / s).round().clamp(min=0), qmax)
-        d = rounding_error(w, s, z, qmax)                                                # [B, N, g]
-        err = (d.square_() @ weight[:, :, None]).squeeze(-1) * s.square()                # [B, N]
-        if best is None:
-            best, scale, zero = err, s, z
-        else:
-            better = err < best
-            best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
-    return scale, zero
 
 
 def _factor(hf: torch.Tensor):
@@ -95,7 +72,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp=
     """w_nk [N, K] or a batch [B, N, K] (the experts of one projection, solved together: one pass over
     the columns for all of them), hessian [K, K] or [B, K, K] (X^T X of the inputs), bits an int or one
     per batch entry, damp (a share of the mean diagonal) a float or one per batch entry -> codes [..., N, K]
-    int32, scale, zero [..., N, K // g] (each group's grid from _group_grid), the damping that made each
+    int32, scale, zero [..., N, K // g] (each group's grid from packing.searched_grid), the damping that made each
     Hessian positive definite (a float, or a list for a batch), and updated [..., N, K]: the value each
     column had when it was quantized (the original plus the error fed to it by earlier columns).
     keep [..., K] bool: columns whose rounding error is fed to no other column, the switching cache's,
@@ -121,7 +98,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp=
     if act_order:   # group grids fixed from the original weights, so columns may be visited in any order
         g = w.unflatten(-1, (ngroups, group_size))                                        # [B, N, G, g]
         gw = grid_w.unflatten(-1, (ngroups, group_size))                                  # [B, G, g]
-        grids = [_group_grid(g[:, :, j], qmax, gw[:, j]) for j in range(ngroups)]
+        grids = [searched_grid(g[:, :, j], qmax, gw[:, j, None]) for j in range(ngroups)]
         static = (torch.stack([s for s, _ in grids], -1), torch.stack([z for _, z in grids], -1))  # [B, N, G]
         perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)       # [B, K]
         w = w.gather(-1, perm[:, None, :].expand(-1, n, -1))
@@ -141,7 +118,7 @@ def gptq(w_nk: torch.Tensor, hessian: torch.Tensor, bits, group_size: int, damp=
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         if static is None and i1 % group_size == 0:
-            s, z = _group_grid(wt[:, i1:i1 + group_size].transpose(1, 2), qmax, grid_w[:, i1:i1 + group_size])
+            s, z = searched_grid(wt[:, i1:i1 + group_size].transpose(1, 2), qmax, grid_w[:, None, i1:i1 + group_size])
             scale[:, :, i1 // group_size], zero[:, :, i1 // group_size] = s, z
         w1 = wt[:, i1:i2]                                                                 # [B, block, N], a view
         err1 = torch.empty_like(w1)
@@ -239,7 +216,7 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                 s = lin[t.fqn].stats
                 if s is None or s.count[0] < MIN_TOKENS:
                     report["fallback_rtn"].append(t.fqn)
-                    t.apply(group_size)
+                    t.apply(group_size, quantizer=FALLBACK)
                     continue
                 codes, scale, zero, d, _ = gptq(t.weight.detach().float().cpu(), s.hessian[0][0].cpu(), t.bits[0],
                                                 group_size, damp, act_order)
@@ -264,8 +241,7 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
                         hessians.append(hook.balanced_hessian(p, e))
                         report["balanced_hessian"].append(f"{t.fqn}[{e}]")
                     else:
-                        from .packing import quantize_rtn
-                        codes[e], scale[e], zero[e] = quantize_rtn(w_nk[e], t.bits[e], group_size)
+                        codes[e], scale[e], zero[e] = DATA_FREE[FALLBACK](w_nk[e], t.bits[e], group_size)
                         report["fallback_rtn"].append(f"{t.fqn}[{e}]")
                         continue
                     solve.append(e)
@@ -289,10 +265,10 @@ def quantize_model(model, targets, windows: list[torch.Tensor], group_size: int,
             del stats, hook, hooks
         for t in todo:
             if t not in gptq_targets and t not in linear_targets:
-                t.apply(group_size)
+                t.apply(group_size, quantizer=FALLBACK)
         if i + 1 < len(layers):                  # the next layer's inputs, through this layer quantized
             with dequantized_once():
                 inputs = _run(layers[i], inputs)
     for t in heads:
-        t.apply(group_size)
+        t.apply(group_size, quantizer=FALLBACK)
     return report

@@ -11,7 +11,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from . import adapters, kernels
 from .config import DynaMoConfig
-from .packing import QuantizationError, check_group
+from .packing import DATA_FREE, QuantizationError, check_group
 from .switching import select_channels
 from .tensors import DynaMoExperts, SwitchableLinear, _PackedWeight
 
@@ -41,10 +41,10 @@ class Target:
             raise QuantizationError(f"{self.fqn}: {len(self.bits)} bit-widths for {rows} experts")
         check_group(w.shape[-2] if self.transposed else w.shape[-1], group_size, self.fqn)
 
-    def apply(self, group_size: int, codes=None, w_fp=None) -> None:
-        """Round-to-nearest, or the given (codes, scale, zero) [E, N, K] from another quantizer, whose
-        full-precision values for the switching cache may be given as w_fp [E, N, K] (GPTQ's updated
-        columns; default: the weight)."""
+    def apply(self, group_size: int, codes=None, w_fp=None, quantizer: str = "rtn") -> None:
+        """A data-free quantizer (packing.DATA_FREE), or the given (codes, scale, zero) [E, N, K] from
+        another, whose full-precision values for the switching cache may be given as w_fp [E, N, K]
+        (GPTQ's updated columns; default: the weight)."""
         w = self.weight.data
         if codes is not None:       # [E, N, K] ([1, N, K] for a 2D weight)
             w_nk = w.transpose(-1, -2) if self.transposed else w
@@ -52,9 +52,9 @@ class Target:
             q = cls.from_codes(*codes, self.bits, group_size, self.transposed, w.dtype, self.cache_idx,
                                w_nk if w_fp is None else w_fp)
         elif w.ndim == 3:
-            q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed, self.cache_idx)
+            q = DynaMoExperts.from_float(w, self.bits, group_size, self.transposed, self.cache_idx, quantizer)
         else:
-            q = SwitchableLinear.from_float(w, self.bits[0], group_size)
+            q = SwitchableLinear.from_float(w, self.bits[0], group_size, quantizer)
         setattr(self.owner, self.name, nn.Parameter(q, requires_grad=False))
 
 
@@ -130,14 +130,14 @@ def _dynamoq_transform(module: nn.Module, config: DynaMoConfig) -> nn.Module:
     fqn = module.__dict__.get(_FQN)
     if fqn is None:
         raise QuantizationError("DynaMoConfig needs filter_fn=dynamoq.moe_filter (or use dynamoq.quantize_)")
-    if config.quantizer != "rtn" or config.datasets is not None:
+    if config.quantizer not in DATA_FREE or config.datasets is not None:
         raise QuantizationError(f"quantizer={config.quantizer!r} / datasets= need the whole model at once: "
                                 "use dynamoq.quantize_")
     targets = module_targets(module, fqn, config)
     for t in targets:
         t.check(config.group_size)
     for t in targets:
-        t.apply(config.group_size)
+        t.apply(config.group_size, quantizer=config.quantizer)
     experts = adapters.experts_of(module)
     if experts and config.experts_implementation and hasattr(experts[1], "has_gate"):
         experts[1].config._experts_implementation = config.experts_implementation

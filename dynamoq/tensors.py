@@ -92,8 +92,9 @@ class _PackedWeight(TorchAOBaseTensor):
                    dtype, **packed)
 
     @classmethod
-    def from_float(cls, w, expert_bits, group_size=128, transposed=False, cache_idx=None):
-        """Round-to-nearest. w is the logical weight; expert_bits one bit-width per leading row."""
+    def from_float(cls, w, expert_bits, group_size=128, transposed=False, cache_idx=None, quantizer="rtn"):
+        """A data-free quantizer (packing.DATA_FREE: "rtn" min-max grids, "clip" searched grids). w is the
+        logical weight; expert_bits one bit-width per leading row."""
         w3 = cls._to_nk(w, transposed)
         if len(expert_bits) != w3.shape[0]:
             raise QuantizationError(f"got {len(expert_bits)} bit-widths for {w3.shape[0]} experts")
@@ -106,7 +107,7 @@ class _PackedWeight(TorchAOBaseTensor):
         zero = torch.empty(e, n, k // group_size, dtype=torch.uint8, device=w.device)
         for b, idx in experts_by_width(expert_bits).items():
             idx = torch.tensor(idx, device=w.device)
-            codes[idx], scale[idx], zero[idx] = packing.quantize_rtn(w3[idx], b, group_size)
+            codes[idx], scale[idx], zero[idx] = packing.DATA_FREE[quantizer](w3[idx], b, group_size)
         return cls.from_codes(codes, scale, zero, expert_bits, group_size, transposed, w.dtype, cache_idx, w3)
 
     @staticmethod
@@ -212,8 +213,8 @@ class SwitchableLinear(_PackedWeight):
         return (n, k)
 
     @classmethod
-    def from_float(cls, w, bits, group_size=128):
-        return super().from_float(w[None], (bits,), group_size)
+    def from_float(cls, w, bits, group_size=128, quantizer="rtn"):
+        return super().from_float(w[None], (bits,), group_size, quantizer=quantizer)
 
     @property
     def bits(self) -> int:

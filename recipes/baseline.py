@@ -71,6 +71,7 @@ def main():
     rows = {
         "FP": None,
         "RTN 3-bit": DynaMoConfig(bits=3, **common),
+        "clip 3-bit (data-free, searched grids)": DynaMoConfig(bits=3, quantizer="clip", **common),
         "GPTQ 3-bit": DynaMoConfig(bits=3, analysis=analysis, quantizer="gptq", **common),
         "GPTQ 4-bit": DynaMoConfig(bits=4, analysis=analysis, quantizer="gptq", **common),
         f"DynaMo BQ budget {args.target_bits}": DynaMoConfig(analysis=analysis, target_bits=args.target_bits,

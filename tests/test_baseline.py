@@ -7,8 +7,8 @@ from conftest import build, experts_calls, experts_errors
 import dynamoq
 from dynamoq import DynaMoConfig, QuantizationError
 from dynamoq.analysis import AnalysisError
-from dynamoq.gptq import gptq
-from dynamoq.packing import dequantize, quantize_rtn
+from dynamoq.gptq import FALLBACK, gptq
+from dynamoq.packing import DATA_FREE, dequantize, quantize_rtn
 
 
 def _x(n=512, k=128, seed=0):
@@ -119,7 +119,7 @@ def test_analysis_of_another_model_and_torchao_gptq_are_refused():
         DynaMoConfig(bits=3, quantizer="gptq")
 
 
-def test_gptq_serves_shared_experts_and_dense_layers_and_the_head_takes_rtn():
+def test_gptq_serves_shared_experts_and_dense_layers_and_the_head_takes_the_fallback():
     m = build("deepseek_v3")                     # dense layer 0, MoE layer 1 with shared experts
     calls = experts_calls(m, torch.randint(0, 128, (2, 16)))
     ref = m.model.layers[0].mlp.gate_proj.weight.detach().clone()
@@ -127,7 +127,8 @@ def test_gptq_serves_shared_experts_and_dense_layers_and_the_head_takes_rtn():
     head = m.lm_head.weight.detach().clone()
     dynamoq.quantize_(m, DynaMoConfig(bits=3, datasets=data, quantizer="gptq", shared_bits=3, dense_bits=3,
                                       lm_head_bits=8, group_size=32), progress=False)
-    assert torch.equal(m.lm_head.weight.dequantize(), dequantize(*quantize_rtn(head, 8, 32)))   # the head: RTN
+    # the head: GPTQ's data-free fallback
+    assert torch.equal(m.lm_head.weight.dequantize(), dequantize(*DATA_FREE[FALLBACK](head, 8, 32)))
     w = m.model.layers[0].mlp.gate_proj.weight
     assert w.bits == 3
     rtn = dequantize(*quantize_rtn(ref, 3, 32))
@@ -216,18 +217,18 @@ def test_batched_gptq_equals_one_expert_at_a_time_and_damps_each_alone():
 
 def test_clipped_grid_beats_the_full_range_where_a_weight_stands_out():
     """A group with one large weight: the grid search shrinks the range (the outlier clips) and the
-    Hessian-weighted rounding error of the group falls."""
-    from dynamoq.gptq import _group_grid
+    weighted |error|^4 of the group falls."""
+    from dynamoq.packing import searched_grid
     torch.manual_seed(0)
     w = torch.randn(1, 8, 64).clamp(-2, 2)
     w[0, :, 5] = 6.0                                    # one outlier per row
-    qmax, weight = torch.tensor([[3.0]]), torch.ones(1, 64)
-    s, z = _group_grid(w, qmax, weight)
+    qmax, weight = torch.tensor([[3.0]]), torch.ones(1, 1, 64)
+    s, z = searched_grid(w, qmax, weight)
     full = (w.amax(-1) - w.amin(-1).clamp(max=0)) / 3
     assert (s < 0.9 * full).all()
     def err(s, z):
         q = torch.minimum((w / s[..., None]).round() + z[..., None], qmax[..., None]).clamp(min=0)
-        return ((q - z[..., None]) * s[..., None] - w).pow(2).sum(-1)
+        return ((q - z[..., None]) * s[..., None] - w).pow(4).sum(-1)
     z_full = (-w.amin(-1).clamp(max=0) / full).round()
     assert (err(s, z) < err(full, z_full)).all()
 

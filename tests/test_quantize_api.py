@@ -7,6 +7,7 @@ from conftest import build, tokens
 
 import dynamoq
 from dynamoq import DynaMoConfig, DynaMoExperts, QuantizationError, SwitchableLinear, UnsupportedModelError
+from dynamoq.packing import dequantize, quantize_rtn
 
 
 def _flat(model):
@@ -38,6 +39,31 @@ def test_dynamoq_quantize_equals_torchao_quantize_with_moe_filter():
         assert (fa[k] == fb[k]) if k.endswith(".meta") else torch.equal(fa[k], fb[k]), k
     x = tokens(a)
     assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_clip_quantizer_packs_searched_grids_through_both_entry_points():
+    """quantizer="clip" is data-free: dynamoq.quantize_ and torchao's quantize_ with the filter give the same
+    model, whose experts and attention hold quantize_searched's codes and grids, not round-to-nearest's."""
+    from dynamoq.packing import quantize_searched
+    a = build("qwen3_moe")
+    ref = a.model.layers[0].mlp.experts.down_proj.detach().clone()          # [E, H, I]
+    att = a.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    b = copy.deepcopy(a)
+    cfg = DynaMoConfig(expert_bits={0: [2, 3, 4, 8], 1: [6, 4, 4, 2]}, attention_bits=3, group_size=32,
+                       quantizer="clip")
+    dynamoq.quantize_(a, cfg)
+    torchao.quantization.quantize_(b, cfg, filter_fn=dynamoq.moe_filter)
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa if not k.endswith(".meta"))
+    down = a.model.layers[0].mlp.experts.down_proj
+    nk = ref.transpose(-1, -2) if down.transposed else ref                  # [E, N, K]
+    for e, bits in enumerate([2, 3, 4, 8]):
+        codes, scale, zero = quantize_searched(nk[e], bits, 32)
+        assert torch.equal(down.codes()[e], codes)
+        assert torch.equal(down.dequantize_nk(torch.float32)[e], dequantize(codes, scale, zero))
+    assert not torch.equal(down.dequantize_nk(torch.float32)[0], dequantize(*quantize_rtn(nk[0], 2, 32)))
+    q = a.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q.dequantize(torch.float32), dequantize(*quantize_searched(att, 3, 32)))
 
 
 def test_per_expert_bits_are_applied_and_reported():
