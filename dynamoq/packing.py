@@ -108,7 +108,8 @@ def unpack(packed: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
-    """Round-to-nearest on each group's full range (min-max grid). w [..., N, K] -> (codes [..., N, K] int32, scale, zero [..., N, K // g])."""
+    """Round-to-nearest on each group's full range (min-max grid).
+    w [..., N, K] -> (codes [..., N, K] int32, scale, zero [..., N, K // g])."""
     check_group(w.shape[-1], group_size)
     qmax = (1 << check_bits(bits)) - 1
     g = w.float().unflatten(-1, (-1, group_size))                       # [..., N, K/g, g]
@@ -118,25 +119,24 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     return codes, scale, zero
 
 
-# Fractions of a group's range tried for its grid, and the power of the rounding error the search
-# minimises. Clipping a few large weights buys a finer grid for the rest, but on the reference model large
-# weights matter more than their share of the squared error says. Validation perplexity, uniform 3-bit,
-# g192 (drama / python / german / bible / chinese; 1024 tokens each):
+# Fractions of a group's range tried for its grid. The search minimises |error|^4: clipping a few large
+# weights buys a finer grid for the rest, but on the reference model large weights matter more than their
+# share of the squared error says. Validation perplexity, uniform 3-bit, g192 (drama / python / german /
+# bible / chinese; 1024 tokens each):
 #   data-free: min-max 64.3 / 23.9 / 97.6 / 12.9 / 33.5; squared error 78.3 / 25.4 / 116.9 / 19.6 / 53.8;
-#     HQQ's |error|^0.7 (half-quadratic, zero and scale refit) 81.0 / 26.8 / 116.8 / 19.7 / 50.9;
-#     |error|^3 59.8 / 22.0 / 85.6 / 11.9 / 30.8; |error|^4 57.9 / 19.9 / 75.8 / 12.6 / 27.1;
+#     HQQ-style |error|^0.7 (half-quadratic refit of scale and integer zero) 81.0 / 26.8 / 116.8 / 19.7 /
+#     50.9; |error|^3 59.8 / 22.0 / 85.6 / 11.9 / 30.8; |error|^4 57.9 / 19.9 / 75.8 / 12.6 / 27.1;
 #     |error|^6 63.6 / 21.6 / 77.4 / 12.2 / 29.2 (at 4 bits min-max and |error|^4 within 3% either way);
-#   GPTQ (Hessian-diagonal weights; it had lowered drama 33.99 -> 32.25 against min-max at g128, squared error):
-#     35.0 / 10.7 / 33.0 / 9.6 / 20.7 squared; |error|^4 33.4 / 10.1 / 31.9 /
-#     8.5 / 17.5.
+#   GPTQ, Hessian-diagonal weights (squared error had lowered drama 33.99 -> 32.25 against min-max at g128):
+#     squared 35.0 / 10.7 / 33.0 / 9.6 / 20.7; |error|^4 33.4 / 10.1 / 31.9 / 8.5 / 17.5; |error|^6 34.8 /
+#     10.2 / 31.7 / 8.9 / 20.6.
 SHRINK = torch.linspace(1.0, 0.55, 10)
-GRID_POWER = 4
 
 
 def searched_grid(w: torch.Tensor, qmax, weight: torch.Tensor | None = None):
     """Asymmetric grid of groups w [..., g] (the range always holds 0): scale (float, rounded to SCALE_DTYPE),
     zero (float) [...]. The group's range is shrunk by the fraction in SHRINK whose rounding error
-    sum_j weight_j |w_j - q_j|^GRID_POWER is least; qmax an int or a tensor broadcasting with w[..., 0],
+    sum_j weight_j |w_j - q_j|^4 is least; qmax an int or a tensor broadcasting with w[..., 0],
     weight [..., g] broadcasting with w (None: all ones)."""
     qmax = torch.as_tensor(qmax, dtype=torch.float32)
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)                            # [...]
@@ -144,7 +144,7 @@ def searched_grid(w: torch.Tensor, qmax, weight: torch.Tensor | None = None):
     for f in SHRINK.tolist():
         s = ((hi - lo) * f / qmax).clamp(min=1e-6).to(SCALE_DTYPE).float()
         z = torch.minimum((-lo * f / s).round().clamp(min=0), qmax)
-        d = rounding_error(w, s, z, qmax).square_().square_()                            # [..., g], GRID_POWER
+        d = rounding_error(w, s, z, qmax).square_().square_()                            # [..., g]
         err = (d if weight is None else d.mul_(weight)).sum(-1) * s.square().square()    # [...]
         if best is None:
             best, scale, zero = err, s, z
@@ -164,9 +164,9 @@ def quantize_searched(w: torch.Tensor, bits: int, group_size: int):
     return quantize_with(w, scale, zero, bits), scale, zero
 
 
-
 # the quantizers that need no data, by DynaMoConfig.quantizer name
 DATA_FREE = {"rtn": quantize_rtn, "clip": quantize_searched}
+
 
 def rtn_grid(lo: torch.Tensor, hi: torch.Tensor, qmax):
     """Round-to-nearest grid of groups whose range [lo, hi] holds 0 -> scale (SCALE_DTYPE), zero (float)."""
