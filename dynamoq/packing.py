@@ -156,7 +156,7 @@ def searched_grid(w: torch.Tensor, qmax, weight: torch.Tensor | None = None):
 
 def quantize_searched(w: torch.Tensor, bits: int, group_size: int):
     """Round-to-nearest on searched grids (searched_grid, all weights alike): data-free, like quantize_rtn,
-    ~10x its time. w [..., N, K] -> (codes [..., N, K] int32, scale, zero [..., N, K // g])."""
+    about 10x its time. w [..., N, K] -> (codes [..., N, K] int32, scale, zero [..., N, K // g])."""
     check_group(w.shape[-1], group_size)
     qmax = (1 << check_bits(bits)) - 1
     scale, zero = searched_grid(w.float().unflatten(-1, (-1, group_size)), qmax)       # [..., N, K/g]
