@@ -7,9 +7,6 @@ on its calibration split and evaluate on its test split; revert and check the ca
 """
 from __future__ import annotations
 
-import time
-
-import torch
 from _common import CALIB, decode_rate, evaluate, fmt_ppl, load, parser, texts, write
 
 import dynamoq

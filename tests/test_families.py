@@ -1,5 +1,4 @@
 """Every MoE family of the installed transformers: supported (and checked) or refused with a reason."""
-import importlib.util
 import re
 from pathlib import Path
 
