@@ -51,8 +51,7 @@ def main():
     for layer in a.layers:
         b = blocks[layer]
         ws = _weights_nk(b)
-        rounded = [torch.stack([dequantize(*quantize_rtn(w[e].float(), args.bits, args.group_size))
-                                for e in range(w.shape[0])]) for w in ws]
+        rounded = [dequantize(*quantize_rtn(w.float(), args.bits, args.group_size)) for w in ws]    # [E, N, K] each
         # the estimate: sum over experts, projections, channels of gx2 * ||dW[:, c]||^2 per token, mean over domains
         # (output_error with gx2 as the channel weights, as the allocation computes it)
         est = sum(float(sum(output_error(w, g, args.group_size, bits=(args.bits,), cap=False)[0].sum()
