@@ -4,6 +4,7 @@ from .adapters import UnsupportedModelError, moe_blocks
 from .analysis import Analysis, AnalysisError, analyze
 from .checkpoint import CheckpointError, load, save  # also registers quant_method "dynamoq" with transformers
 from .config import DynaMoConfig
+from .generated import self_generate
 from .kernels import compile_options
 from .packing import QuantizationError
 from .quantize import moe_filter, quantize_
@@ -15,4 +16,4 @@ from . import eval, models
 __version__ = "0.1.0"
 __all__ = ["DynaMoConfig", "quantize_", "moe_filter", "bits_report", "moe_blocks", "DynaMoExperts",
            "SwitchableLinear", "QuantizationError", "UnsupportedModelError", "save", "load", "CheckpointError", "Analysis", "AnalysisError", "analyze",
-           "adapt_", "revert_", "compile_options"]
+           "adapt_", "revert_", "compile_options", "self_generate"]

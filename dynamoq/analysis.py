@@ -147,7 +147,8 @@ class Analysis:
         """Cross-dataset significance per layer [E] (paper Eq. 2, METHOD.md's reading) of S_exp, or of
         S_loss with loss=True."""
         names = datasets or self.datasets
-        w = torch.tensor([float((weights or {}).get(d, 1.0)) for d in names], dtype=torch.float64)
+        weights = {**self.meta.get("dataset_weights", {}), **(weights or {})}     # the analysis' own, then the caller's
+        w = torch.tensor([float(weights.get(d, 1.0)) for d in names], dtype=torch.float64)
         per = [(self.loss_significance if loss else self.expert_significance)(d) for d in names]
         return {layer: significance.synthesize(torch.stack([p[layer] for p in per]), w, lam)
                 for layer in self.layers}
@@ -242,25 +243,39 @@ def _windows(name, data, tokenizer, model, seq_len, max_tokens):
 
 def analyze(model, datasets: dict, tokenizer=None, seq_len: int = 256, max_tokens: int | None = 16384,
             batch_size: int = 8, balanced: bool = False, sensitivity_tokens: int = SENSITIVITY_TOKENS,
-            progress: bool = True) -> Analysis:
+            generated_tokens: int = 0, progress: bool = True) -> Analysis:
     """Calibrate on each named dataset (list of strings with tokenizer=, or LongTensor [N, T]) and
     return the Analysis. sensitivity_tokens: tokens of each dataset (its first windows) that also go
     through a pass with gradients, for the loss sensitivity that weighs layers against each other in
-    the budget allocation (0 skips it). Under torchrun / accelerate launch the windows are sharded over
-    processes and the sums reduced, so every process gets the same Analysis as one process would."""
+    the budget allocation (0 skips it). generated_tokens: the model also writes this many tokens of its
+    own, grouped by routing into pseudo-domains "generated-1", ... that together weigh as much as one
+    dataset in the synthesis (dynamoq/generated.py: for experts the datasets never reach). Under torchrun /
+    accelerate launch the windows are sharded over processes and the sums reduced, so every process gets
+    the same Analysis as one process would."""
     if sensitivity_tokens < 0:
         raise AnalysisError(f"sensitivity_tokens={sensitivity_tokens} must be 0 (no pass with gradients) or more")
     if not datasets:
         raise AnalysisError("analyze needs at least one dataset: {name: texts or token tensor}")
+    if generated_tokens < 0:
+        raise AnalysisError(f"generated_tokens={generated_tokens} must be 0 (none) or more")
     blocks = adapters.moe_blocks(model)
     t0 = time.perf_counter()
+    datasets, weights = dict(datasets), {}
+    if generated_tokens:
+        from .generated import PREFIX, pseudo_domains
+        if any(str(d).startswith(PREFIX) for d in datasets):
+            raise AnalysisError(f"dataset names starting with {PREFIX!r} are kept for the model's own text; rename yours")
+        groups = pseudo_domains(model, generated_tokens, progress=progress)
+        datasets.update(groups)
+        weights = {d: 1.0 / len(groups) for d in groups}
     stats, tokens, windows, grad_seconds = {}, {}, {}, 0.0
     for name, data in datasets.items():
         w = _windows(name, data, tokenizer, model, seq_len, max_tokens)
         tokens[name], windows[name] = int(w.numel()), w
         stats[name] = calibrate(model, w, batch_size, balanced, desc=f"analysing {name}", progress=progress)
         if sensitivity_tokens:
-            n = min(w.shape[0], -(-sensitivity_tokens // w.shape[1]))          # whole windows
+            share = sensitivity_tokens * weights.get(name, 1.0)                 # pseudo-domains share one budget
+            n = min(w.shape[0], max(1, -(-int(share) // w.shape[1])))         # whole windows, one at least
             t1 = time.perf_counter()
             gx2, predicted = sensitivity(model, w[:n], desc=f"loss sensitivity {name}", progress=progress)
             grad_seconds += time.perf_counter() - t1
@@ -269,7 +284,7 @@ def analyze(model, datasets: dict, tokenizer=None, seq_len: int = 256, max_token
                 stats[name][layer].grad_tokens = torch.tensor(float(predicted), dtype=torch.float64)
     col2 = {b.layer: [significance.column_energy(w).double().cpu() for w in _weights_nk(b)] for b in blocks}
     meta = {"tokens": tokens, "seconds": time.perf_counter() - t0, "sensitivity_seconds": grad_seconds,
-            "balanced": balanced, "seq_len": seq_len}
+            "balanced": balanced, "seq_len": seq_len, "dataset_weights": weights}
     stats = {d: {layer: LayerStats(**{k: (v.cpu() if isinstance(v, torch.Tensor) else
                                           [t.cpu() for t in v] if v is not None else None)
                                       for k, v in vars(s).items()})

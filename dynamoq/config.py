@@ -29,7 +29,8 @@ class DynaMoConfig(AOBaseConfig):
       bits:         uniform bit-width (2, 3, 4, 6 or 8); 4 if nothing else decides.
     Data:
       analysis:     a dynamoq.Analysis of this model; or datasets= {name: texts or LongTensor [N, T]}
-                    (with tokenizer= for texts) to run the analysis first.
+                    (with tokenizer= for texts) to run the analysis first; generated_tokens= adds the
+                    model's own text to it (analyze's argument: for experts the datasets never reach).
       dataset_weights, lam: synthesis across datasets = weighted mean + lam x std (METHOD.md §1).
       prior:        weight of uniform traffic mixed into each layer's significance, for the experts of
                     domains the calibration data does not cover (0 = calibration only, 1 = uniform).
@@ -79,6 +80,7 @@ class DynaMoConfig(AOBaseConfig):
     balanced: bool = True
     seq_len: int = 256
     max_tokens: int | None = 16384
+    generated_tokens: int = 0
     cache_fraction: float = 0.01
     cache_projections: str = "input"
 

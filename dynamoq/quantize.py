@@ -207,7 +207,7 @@ def resolve(model: nn.Module, config: DynaMoConfig, progress: bool = True) -> Dy
     if analysis is None and config.datasets is not None:
         from .analysis import analyze
         analysis = analyze(model, dict(config.datasets), tokenizer=config.tokenizer, seq_len=config.seq_len,
-                           max_tokens=config.max_tokens, progress=progress)
+                           max_tokens=config.max_tokens, generated_tokens=config.generated_tokens, progress=progress)
     if analysis is not None:
         analysis.check_model(model)
     expert_bits = config.expert_bits
