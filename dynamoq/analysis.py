@@ -186,7 +186,7 @@ class Analysis:
                 tensors[f"col2.L{layer}.{p}"] = t.contiguous()
         for i, d in enumerate(self.datasets):
             if d in self.windows:
-                tensors[f"d{i}.windows"] = self.windows[d].contiguous()
+                tensors[f"d{i}.windows"] = self.windows[d].clone()     # a copy: datasets may be views of one tensor
         meta = {"format": "dynamoq-analysis", "version": FORMAT_VERSION, "fingerprint": self.fingerprint,
                 "datasets": self.datasets, "meta": self.meta}
         tmp = path / ".analysis.tmp"
@@ -265,12 +265,13 @@ def analyze(model, datasets: dict, tokenizer=None, seq_len: int = 256, max_token
         from .generated import PREFIX, pseudo_domains
         if any(str(d).startswith(PREFIX) for d in datasets):
             raise AnalysisError(f"dataset names starting with {PREFIX!r} are kept for the model's own text; rename yours")
-        groups = pseudo_domains(model, generated_tokens, progress=progress)
+        groups = pseudo_domains(model, generated_tokens, vocab=len(tokenizer) if tokenizer is not None else None,
+                                progress=progress)
         datasets.update(groups)
         weights = {d: 1.0 / len(groups) for d in groups}
     stats, tokens, windows, grad_seconds = {}, {}, {}, 0.0
     for name, data in datasets.items():
-        w = _windows(name, data, tokenizer, model, seq_len, max_tokens)
+        w = _windows(name, data, tokenizer, model, seq_len, None if name in weights else max_tokens)  # generated: all
         tokens[name], windows[name] = int(w.numel()), w
         stats[name] = calibrate(model, w, batch_size, balanced, desc=f"analysing {name}", progress=progress)
         if sensitivity_tokens:

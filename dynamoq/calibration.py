@@ -327,6 +327,15 @@ def all_reduce_(stats: dict[int, LayerStats]) -> None:
     _sum_over_processes(t for s in stats.values() for t in s.tensors().values())
 
 
+def _shard(windows: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """This process's windows, and whether it has none: with fewer windows than processes, a process
+    without any runs the first window and adds zeros, so that every process joins the reductions with
+    sums of the right shapes."""
+    rank, world = rank_world()
+    shard = windows[rank::world]
+    return (windows[:1], True) if shard.shape[0] == 0 else (shard, False)
+
+
 def input_device(model) -> torch.device:
     """Where inputs go: accelerate's execution device for an offloaded model, else the weights' device."""
     hook = getattr(model, "_hf_hook", None)
@@ -342,7 +351,7 @@ def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool 
     statistics of every MoE layer (int keys) and of every shared-expert and dense-MLP nn.Linear
     (their names), reduced over all processes."""
     rank, world = rank_world()
-    shard = windows[rank::world]
+    shard, empty = _shard(windows)
     device = input_device(model)
     with collecting(model, balanced=balanced) as hooks, collecting_linears(dense_linears(model)) as lin:
         for i in tqdm(range(0, shard.shape[0], batch_size), desc=desc, disable=not progress or rank != 0,
@@ -356,6 +365,10 @@ def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool 
         raise RuntimeError(f"MoE layers {missing} received no tokens: the model never called their experts")
     stats = {layer: h.stats for layer, h in hooks.items()}
     stats.update({name: h.stats for name, h in lin.items() if h.stats is not None})
+    if empty:
+        for s in stats.values():
+            for t in s.tensors().values():
+                t.zero_()
     all_reduce_(stats)
     return stats
 
@@ -382,7 +395,7 @@ def sensitivity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "
     adds to the loss (errors of separate outputs and channels taken as independent). Returns the sums,
     reduced over processes, and the number of predicted tokens. Parameters get no gradients."""
     rank, world = rank_world()
-    shard = windows[rank::world]
+    shard, empty = _shard(windows)
     device = input_device(model)
     blocks = adapters.moe_blocks(model)
     for b in blocks:
@@ -433,6 +446,10 @@ def sensitivity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "
     missing = [b.layer for b in blocks if b.layer not in sums]
     if missing:
         raise RuntimeError(f"MoE layers {missing} got no loss gradient: the model never called their experts")
+    if empty:
+        tokens = 0
+        for t in (t for s in sums.values() for t in s):
+            t.zero_()
     n = torch.tensor(float(tokens), device=device)
     _sum_over_processes([n] + [t for s in sums.values() for t in s])
     return {layer: [t.cpu() for t in s] for layer, s in sums.items()}, int(n)

@@ -276,7 +276,7 @@ def cmd_quantize(args) -> int:
         with _step(args, f"analysing on {', '.join(texts)}", timings, "analysis"):
             analysis = dynamoq.analyze(model, texts, tokenizer=tokenizer, seq_len=args.seq_len,
                                        max_tokens=args.max_tokens, sensitivity_tokens=args.sensitivity_tokens,
-                                       progress=_progress(args))
+                                       generated_tokens=args.generated_tokens, progress=_progress(args))
 
     # evaluation of the full-precision model and of a uniform baseline, before quantizing
     evals: dict[str, tuple[dict, float | None]] = {}
@@ -403,7 +403,8 @@ def cmd_analyze(args) -> int:
     with _step(args, f"analysing on {', '.join(texts)}", timings, "analysis"):
         analysis = dynamoq.analyze(model, texts, tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                    batch_size=args.batch_size, balanced=args.balanced,
-                                   sensitivity_tokens=args.sensitivity_tokens, progress=_progress(args))
+                                   sensitivity_tokens=args.sensitivity_tokens, generated_tokens=args.generated_tokens,
+                                   progress=_progress(args))
     analysis.meta["model"] = name
     out = Path(args.out)
     analysis.save(out)
@@ -671,11 +672,15 @@ def _data_options(p, split: bool = False, seq_len: int = 256, max_tokens: int | 
                        help="split of the built-in domains (default test)")
 
 
-def _sensitivity_option(p):
+def _analysis_options(p):
     from .analysis import SENSITIVITY_TOKENS
     p.add_argument("--sensitivity-tokens", type=int, default=SENSITIVITY_TOKENS, metavar="N",
                    help=f"tokens per dataset that also go through a pass with gradients, for the loss sensitivity "
                         f"that weighs layers in the budget allocation (default {SENSITIVITY_TOKENS}; 0 skips it)")
+    p.add_argument("--generated-tokens", type=int, default=0, metavar="N",
+                   help="the model also writes N tokens of its own text, grouped by routing into pseudo-domains, "
+                        "so that experts the datasets never reach get significance too (4096 is 16 sequences; "
+                        "default 0: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -725,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-max-tokens", type=int, default=32768)
     q.add_argument("--baseline-bits", type=int, choices=(2, 3, 4, 6, 8),
                    help="with --eval: also evaluate a uniform baseline at these bits (same quantizer)")
-    _sensitivity_option(q)
+    _analysis_options(q)
     q.add_argument("--out", metavar="DIR", help="save the quantized model (save_pretrained), its tokenizer, the "
                    "analysis, evaluations and a run record for `dynamoq report`")
     q.set_defaults(func=cmd_quantize)
@@ -739,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--balanced", action="store_true",
                    help="also run every token through every expert (a fallback for experts short of tokens)")
-    _sensitivity_option(a)
+    _analysis_options(a)
     a.add_argument("--no-plots", action="store_true", help="write the analysis only")
     a.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     a.set_defaults(func=cmd_analyze)

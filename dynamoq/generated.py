@@ -28,15 +28,16 @@ PREFIX = "generated-"   # dataset names: generated-1, generated-2, ...
 
 @torch.no_grad()
 def self_generate(model, tokens: int, seq_len: int = SEQ_LEN, temperature: float = 1.0, seed: int = 0,
-                  batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+                  batch_size: int = 16, vocab: int | None = None, progress: bool = True) -> torch.Tensor:
     """Sequences the model samples from a uniformly random first token: LongTensor [N, seq_len],
-    N = ceil(tokens / seq_len). Sampled on the CPU from a seeded generator, so every process of a
-    torchrun / accelerate launch gets the same sequences."""
+    N = ceil(tokens / seq_len), every id below `vocab` (default the model's vocabulary; pass
+    len(tokenizer) when the embedding has rows beyond the tokenizer's). Sampled on the CPU from a seeded
+    generator, so every process of a torchrun / accelerate launch gets the same sequences."""
     if tokens <= 0 or seq_len < 2:
         raise ValueError(f"self_generate needs tokens > 0 and seq_len >= 2 (got {tokens}, {seq_len})")
     from transformers import DynamicCache
 
-    vocab = model.config.get_text_config().vocab_size
+    vocab = min(vocab or model.config.get_text_config().vocab_size, model.config.get_text_config().vocab_size)
     n = -(-tokens // seq_len)
     gen = torch.Generator().manual_seed(seed)
     device = input_device(model)
@@ -94,10 +95,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
     return label
 
 
-def pseudo_domains(model, tokens: int, seq_len: int = SEQ_LEN, seed: int = 0,
+def pseudo_domains(model, tokens: int, vocab: int | None = None, seed: int = 0,
                    progress: bool = True) -> dict[str, torch.Tensor]:
-    """The model's own text grouped by routing: {"generated-1": LongTensor [n_1, seq_len], ...}, at most
-    MAX_GROUPS groups of about two sequences or more each."""
-    seqs = self_generate(model, tokens, seq_len, seed=seed, progress=progress)
+    """The model's own text in sequences of SEQ_LEN, grouped by routing: {"generated-1": LongTensor
+    [n_1, SEQ_LEN], ...}, at most MAX_GROUPS groups, of two sequences each on average."""
+    seqs = self_generate(model, tokens, SEQ_LEN, seed=seed, vocab=vocab, progress=progress)
     label = kmeans(routing_profiles(model, seqs), min(MAX_GROUPS, max(1, seqs.shape[0] // 2)), seed=seed)
     return {f"{PREFIX}{j + 1}": seqs[label == j] for j in range(int(label.max()) + 1)}

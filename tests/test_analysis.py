@@ -247,7 +247,8 @@ import dynamoq
 dist.init_process_group("gloo")
 m = build("qwen3_moe")
 w = torch.randint(0, m.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
-a = dynamoq.analyze(m, {{"x": w}}, progress=False)
+dynamoq.generated.SEQ_LEN = 32
+a = dynamoq.analyze(m, {{"x": w, "one": w[:1]}}, generated_tokens=256, progress=False)
 open(os.path.join({out!r}, f"rank{{dist.get_rank()}}of{{dist.get_world_size()}}"), "w").write("ran")
 if dist.get_rank() == 0:
     a.save(os.path.join({out!r}, "dist"))
@@ -255,7 +256,7 @@ dist.destroy_process_group()
 """
 
 
-def test_two_processes_give_the_statistics_of_one(tmp_path):
+def test_two_processes_give_the_statistics_of_one(tmp_path, monkeypatch):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -265,11 +266,19 @@ def test_two_processes_give_the_statistics_of_one(tmp_path):
     assert (tmp_path / "rank0of2").exists() and (tmp_path / "rank1of2").exists()   # two ranks really ran
     m = build("qwen3_moe")
     w = torch.randint(0, m.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
-    one = analyze(m, {"x": w}, progress=False)
+    # a dataset of one window (a process without any adds zeros) and the model's own text (the same
+    # sequences and groups in every process) too
+    monkeypatch.setattr(dynamoq.generated, "SEQ_LEN", 32)
+    one = analyze(m, {"x": w, "one": w[:1]}, generated_tokens=256, progress=False)
     two = Analysis.load(tmp_path / "dist")
-    for layer in one.layers:
-        for k, t in one.stats["x"][layer].tensors().items():
-            assert torch.allclose(two.stats["x"][layer].tensors()[k], t, rtol=1e-9, atol=1e-9), (layer, k)
+    assert two.datasets == one.datasets and len(one.datasets) > 3
+    assert two.meta["dataset_weights"] == one.meta["dataset_weights"]
+    for d in one.datasets:
+        assert torch.equal(two.windows[d], one.windows[d])
+        for layer in one.layers:
+            for k, t in one.stats[d][layer].tensors().items():
+                # float32 products batched otherwise differ in the last bits; a lost or doubled window would not
+                assert torch.allclose(two.stats[d][layer].tensors()[k], t, rtol=1e-5, atol=1e-9), (d, layer, k)
 
 
 def test_shared_experts_and_dense_layers_get_statistics_too(tmp_path):

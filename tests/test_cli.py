@@ -98,8 +98,9 @@ def test_analyze_writes_analysis_plots_and_report(capsys, model_dir, work):
     assert "Expert significance per dataset" in html and "Loss sensitivity per layer" in html
     assert "Channel dynamics" in html
     bare = run_json(capsys, "analyze", model_dir, "--data", "drama", "--max-tokens", "128", "--sensitivity-tokens", "0",
-                    "--out", work / "analysis-bare", *FAST)
+                    "--generated-tokens", "256", "--out", work / "analysis-bare", *FAST)
     assert "sensitivity" not in bare["files"] and "routing" in bare["files"]
+    assert bare["datasets"] == ["drama", "generated-1"]            # one sequence of the model's own text
 
 
 @pytest.fixture(scope="module")
