@@ -350,7 +350,7 @@ def calibrate(model, windows: torch.Tensor, batch_size: int = 8, balanced: bool 
     """Run windows [N, T] through the model (this process's shard of them) and return the summed
     statistics of every MoE layer (int keys) and of every shared-expert and dense-MLP nn.Linear
     (their names), reduced over all processes."""
-    rank, world = rank_world()
+    rank = rank_world()[0]
     shard, empty = _shard(windows)
     device = input_device(model)
     with collecting(model, balanced=balanced) as hooks, collecting_linears(dense_linears(model)) as lin:
@@ -394,7 +394,7 @@ def sensitivity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "
     loss. sum_c gx2[e, c] * ||dW[:, c]||^2 then estimates what an error dW of the projection's weight
     adds to the loss (errors of separate outputs and channels taken as independent). Returns the sums,
     reduced over processes, and the number of predicted tokens. Parameters get no gradients."""
-    rank, world = rank_world()
+    rank = rank_world()[0]
     shard, empty = _shard(windows)
     device = input_device(model)
     blocks = adapters.moe_blocks(model)

@@ -8,11 +8,13 @@ share); grouped by where it is routed, each group is a pseudo-domain whose exper
 synthesis across datasets (mean + lam x std) lifts them as it lifts a real domain's.
 
 Measured on the reference model (validation splits, BQ budget 3.0, GPTQ, group 192; share of uniform
-GPTQ 3-bit's perplexity loss recovered; 16 sequences of 256 tokens):
-  calibration only:                     drama 75 python 47 german 72 | bible -144 dictionary -94 latex -61 chinese 6
-  + the text as one dataset:             82 / 45 / 73 | -126 / -37 / 5 / 5
-  + grouped by routing, weighing 1 in all: 84 / 42 / 74 | -48 / -36 / 18 / 40
-  + the same, weighing 0.5 a group:      73 / 35 / 71 | -31 / -25 / 18 / 36
+GPTQ 3-bit's perplexity loss recovered; 16 sequences of 256 tokens; scratch runs, the groups there made by
+each sequence's most-routed expert, 7 groups; this module's k-means over routing profiles gave the
+test-split row of recipes/results/baseline_g192_own_text.md):
+  calibration only:                       drama 75 python 47 german 72 | bible -144 dictionary -94 latex -61 chinese 6
+  + the text as one dataset:              82 / 45 / 73 | -126 / -37 / 5 / 5
+  + grouped, weighing 1 in all:           84 / 42 / 74 | -48 / -36 / 18 / 40
+  + grouped, weighing 0.5 a group:        73 / 35 / 71 | -31 / -25 / 18 / 36
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def self_generate(model, tokens: int, seq_len: int = SEQ_LEN, temperature: float
         raise ValueError(f"self_generate needs tokens > 0 and seq_len >= 2 (got {tokens}, {seq_len})")
     from transformers import DynamicCache
 
-    vocab = min(vocab or model.config.get_text_config().vocab_size, model.config.get_text_config().vocab_size)
+    model_vocab = model.config.get_text_config().vocab_size
+    vocab = min(vocab or model_vocab, model_vocab)
     n = -(-tokens // seq_len)
     gen = torch.Generator().manual_seed(seed)
     device = input_device(model)

@@ -89,7 +89,8 @@ def main():
         f"DynaMo BQ budget {args.target_bits} + prior {PRIOR}": DynaMoConfig(
             analysis=analysis, target_bits=args.target_bits, prior=PRIOR, quantizer="gptq", **common),
         # the calibration domains plus the model's own text grouped into pseudo-domains (dynamoq/generated.py),
-        # for the experts the three domains never reach; its analysis time is stored as the row's analysis_seconds
+        # for the experts the three domains never reach. Its analysis is made again from the start (what a user runs),
+        # and its time stored as the row's analysis_seconds
         f"DynaMo BQ budget {args.target_bits} + the model's own text": lambda: DynaMoConfig(
             analysis=dynamoq.analyze(fp, {d: texts(d, "calib") for d in CALIB}, tokenizer=tok, seq_len=args.seq_len,
                                      max_tokens=args.calib_tokens, generated_tokens=GENERATED_TOKENS),
