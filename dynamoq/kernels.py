@@ -4,7 +4,7 @@ transformers calls `dynamoq_experts_forward` for every fused experts module when
 config._experts_implementation == "dynamoq". Packed weights go through expert_linear, which picks one
 of the paths below; plain weights through transformers' batched_mm.
 
-native_linear (CPUs with AVX-512 VNNI, any number of pairs): the hand-written kernel of native.py
+native_linear (CPUs with AVX-512 VNNI or AVX2, any number of pairs): the hand-written kernel of native.py
   (codes as bytes times x in int8, one opaque operator under torch.compile; AMX tiles for experts with
   many pairs where the CPU has AMX-INT8). Elsewhere, or with NATIVE = False, Inductor generates the code:
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
@@ -188,7 +188,7 @@ def _nk(w) -> tuple[int, int]:
     return w.scale.shape[1], w.scale.shape[2] * w.group_size
 
 
-# The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI) for every number of pairs on CPUs
+# The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI or AVX2) for every number of pairs on CPUs
 # that have it; False keeps Inductor's loops and the grouped path (the benchmark's A/B, their tests).
 NATIVE = True
 

@@ -1,4 +1,7 @@
-"""The native kernel: packed low-bit experts times token-expert pairs, with AVX-512 VNNI, on CPU.
+"""The native kernel: packed low-bit experts times token-expert pairs, on x86-64 CPUs with AVX-512 VNNI
+(native_decode.c, described here) or, lacking it, AVX2 and FMA (native_avx2.c: vpmaddubsw and vpmaddwd in place of
+vpdpbusd, 32 codes per instruction, the same quantized x and the same result up to the order of float additions;
+no GFNI, no AMX path).
 
 Inductor's loops (kernels.decode_linear) turn each code into a float and multiply in fp32: about 0.35
 instructions per weight, so one core reads codes far slower than memory allows. Here codes stay bytes:
@@ -28,8 +31,8 @@ The C source (native_decode.c) and the operator's C++ kernel (native_op.cpp: fro
 kernel without Python) are compiled once per machine and torch version, with the system's C and C++ compilers
 against torch's headers, into $DYNAMOQ_CACHE/native (or ~/.cache/dynamoq/native): about 20 s. The kernel threads
 with OpenMP, in the libgomp torch has loaded (torch's own thread pool). `available()` is False without x86-64
-Linux, AVX-512 (F, BW, VL, DQ, VNNI) or the compilers, or with DYNAMOQ_NATIVE=0; kernels.NATIVE = False turns
-it off in-process. Then Inductor's loops and the grouped path run, as on GPU. Under torch.compile the kernel is
+Linux, AVX2 and FMA (or AVX-512 F, BW, VL, DQ, VNNI) or the compilers, or with DYNAMOQ_NATIVE=0; kernels.NATIVE = False turns
+it off in-process (DYNAMOQ_NATIVE=avx2 takes the AVX2 build on an AVX-512 CPU: isa()). Then Inductor's loops and the grouped path run, as on GPU. Under torch.compile the kernel is
 one opaque operator (dynamoq::native_decode): fullgraph, a dynamic number of pairs, no recompiles when the
 routing changes. The first call that reads a weight moves its memory to 2 MB pages (huge_pages).
 """
@@ -51,17 +54,21 @@ import torch
 
 from . import packing
 
-SOURCE = Path(__file__).with_name("native_decode.c")
 OP_SOURCE = Path(__file__).with_name("native_op.cpp")      # its operator for PyTorch's dispatcher
-FLAGS = ["-O3", "-std=c11", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-         "-mavx512vnni", "-mf16c", "-mfma"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+# The builds, fastest first: C source, compiler flags, the CPU flags it needs (/proc/cpuinfo's names)
+BUILDS = {
+    "avx512": (Path(__file__).with_name("native_decode.c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"],
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")),
+    "avx2": (Path(__file__).with_name("native_avx2.c"), ["-mavx2", "-mf16c", "-mfma"], ("avx2", "f16c", "fma")),
+}
+C_FLAGS = ["-O3", "-std=c11", "-fPIC", "-fopenmp"]
 AMX_FLAGS = ["-mamx-tile", "-mamx-int8", "-DDYNAMOQ_AMX"]
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8")
 GFNI_FLAGS = ["-mgfni", "-DDYNAMOQ_GFNI"]        # one instruction per part of a code byte instead of two
 
 
-def _cpu_ok(needed=CPU_FLAGS) -> bool:
+def _cpu_ok(needed) -> bool:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return False
     try:
@@ -72,6 +79,16 @@ def _cpu_ok(needed=CPU_FLAGS) -> bool:
     return all(f in flags for f in needed)
 
 
+@functools.cache
+def isa() -> str | None:
+    """The build this CPU runs: "avx512" (AVX-512 VNNI), "avx2" (AVX2 and FMA), or None. DYNAMOQ_NATIVE=avx2 asks
+    for the AVX2 build on an AVX-512 CPU; DYNAMOQ_NATIVE=0 for none."""
+    want = os.environ.get("DYNAMOQ_NATIVE", "1")
+    if want == "0":
+        return None
+    return next((name for name, (_, _, needed) in BUILDS.items() if want in ("1", name) and _cpu_ok(needed)), None)
+
+
 def _compiler(env: str, *names: str) -> str:
     found = os.environ.get(env) or next((p for p in map(shutil.which, names) if p), None)
     if not found:
@@ -79,8 +96,8 @@ def _compiler(env: str, *names: str) -> str:
     return found
 
 
-def _build(flags: list[str]) -> Path:
-    """Compile native_decode.c and native_op.cpp against this torch (once per sources, flags, compilers and
+def _build(source: Path, flags: list[str]) -> Path:
+    """Compile the kernel's C source (native_decode.c or native_avx2.c) and native_op.cpp against this torch (once per sources, flags, compilers and
     torch version: ~20 s) into one shared library and return it."""
     from .reference._common import cache_base
     cc, cxx = _compiler("CC", "cc", "gcc", "clang"), _compiler("CXX", "c++", "g++", "clang++")
@@ -88,14 +105,14 @@ def _build(flags: list[str]) -> Path:
     cxx_flags = ["-O2", "-std=c++17", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                  f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
     link = ["-shared", "-fopenmp", f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    key = hashlib.sha256(SOURCE.read_bytes() + OP_SOURCE.read_bytes()
+    key = hashlib.sha256(source.read_bytes() + OP_SOURCE.read_bytes()
                          + " ".join([cc, cxx, torch.__version__] + flags).encode()).hexdigest()[:16]
     out = cache_base() / "native" / f"decode-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             c_obj, op_obj, part = Path(tmp) / "decode.o", Path(tmp) / "op.o", Path(tmp) / out.name
-            for what, cmd in ((SOURCE.name, [cc, *flags, "-c", str(SOURCE), "-o", str(c_obj)]),
+            for what, cmd in ((source.name, [cc, *flags, "-c", str(source), "-o", str(c_obj)]),
                               (OP_SOURCE.name, [cxx, *cxx_flags, "-c", str(OP_SOURCE), "-o", str(op_obj)]),
                               ("the link", [cxx, str(c_obj), str(op_obj), "-o", str(part), *link])):
                 r = subprocess.run(cmd, capture_output=True, text=True)
@@ -107,12 +124,17 @@ def _build(flags: list[str]) -> Path:
 
 @functools.cache
 def _lib():
-    gfni = _cpu_ok(("gfni",)) and os.environ.get("DYNAMOQ_GFNI", "1") != "0"
-    flags = FLAGS + (GFNI_FLAGS if gfni else [])
-    try:                                     # with the AMX path where the compiler knows AMX, else without
-        path = _build(flags + AMX_FLAGS)
-    except RuntimeError:
-        path = _build(flags)
+    source, isa_flags, _ = BUILDS[isa()]
+    flags = C_FLAGS + isa_flags
+    if isa() == "avx512":
+        gfni = _cpu_ok(("gfni",)) and os.environ.get("DYNAMOQ_GFNI", "1") != "0"
+        flags += GFNI_FLAGS if gfni else []
+        try:                                 # with the AMX path where the compiler knows AMX, else without
+            path = _build(source, flags + AMX_FLAGS)
+        except RuntimeError:
+            path = _build(source, flags)
+    else:
+        path = _build(source, flags)
     torch.ops.load_library(str(path))        # registers dynamoq::native_decode's CPU kernel (native_op.cpp)
     lib = ctypes.CDLL(str(path))
     p, i32 = ctypes.c_void_p, ctypes.c_int
@@ -125,7 +147,7 @@ def _lib():
             planes[b, i] = torch.tensor(pl)
     lanes = torch.tensor([packing.lanes(g) if g % 8 == 0 else 0 for g in range(1025)], dtype=torch.int32)
     lib.dynamoq_set_tables(p(planes.data_ptr()), p(lanes.data_ptr()))
-    if _cpu_ok(AMX_CPU_FLAGS) and os.environ.get("DYNAMOQ_AMX", "1") != "0":
+    if isa() == "avx512" and _cpu_ok(AMX_CPU_FLAGS) and os.environ.get("DYNAMOQ_AMX", "1") != "0":
         lib.dynamoq_amx_init()               # asks Linux for the tile state, once; the C side keeps the answer
     return lib
 
@@ -156,7 +178,7 @@ def available() -> bool:
 
 @functools.cache
 def _probe() -> bool:
-    if os.environ.get("DYNAMOQ_NATIVE", "1") == "0" or not _cpu_ok():
+    if isa() is None:
         return False
     try:
         _lib()

@@ -30,11 +30,11 @@ def _experts(bits, n=48, k=256, g=64, transposed=False, cache=0, dtype=torch.flo
 
 @pytest.fixture(params=["native", "masked", "split"])
 def decode_mode(request, monkeypatch):
-    """Decode: the native kernel (native.py, where the CPU has AVX-512 VNNI), or Inductor's loops with
+    """Decode: the native kernel (native.py, where the CPU has AVX2 or AVX-512 VNNI), or Inductor's loops with
     mixed widths in one loop nest per width over all pairs, masked, or split by width first
     (kernels.split_by_width: which one an expert's size and group size pick on CPU)."""
     if request.param == "native" and not native.available():
-        pytest.skip("the native decode kernel does not run here (no AVX-512 VNNI or no C compiler)")
+        pytest.skip("the native decode kernel does not run here (no AVX2 or no C compiler)")
     monkeypatch.setattr(kernels, "NATIVE", request.param == "native")
     monkeypatch.setattr(kernels, "split_by_width", lambda w, x: request.param == "split")
     return request.param

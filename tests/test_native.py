@@ -1,5 +1,6 @@
-"""The native decode kernel (dynamoq/native.py, native_decode.c): exact against the dequantized weights
-times x as it quantizes it, close to fp32 x, every width and layout, threads, and its fallbacks."""
+"""The native decode kernel (dynamoq/native.py; native_decode.c with AVX-512 VNNI, native_avx2.c with AVX2): exact
+against the dequantized weights times x as it quantizes it, close to fp32 x, every width and layout, threads, both
+builds where the CPU runs both, and its fallbacks."""
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from dynamoq import DynaMoExperts, kernels, native
 
 pytestmark = [pytest.mark.native,
-              pytest.mark.skipif(not native.available(), reason="the native kernel needs AVX-512 VNNI and a C compiler")]
+              pytest.mark.skipif(not native.available(), reason="the native kernel needs AVX2 (or AVX-512 VNNI) and a C compiler")]
 
 
 def _run(t, x, ids):
@@ -191,23 +192,44 @@ def test_switched_off_or_without_a_compiler_it_is_unavailable_and_says_why(tmp_p
     assert "AVAILABLE True AMX False" in no_amx.stdout, no_amx.stderr
 
 
+_CASE = ("import torch; from safetensors.torch import save_file; from dynamoq import DynaMoExperts, native; "
+         "torch.manual_seed(0); t = DynaMoExperts.from_float(torch.randn(5, 24, 384), (2, 3, 4, 6, 8), 64); "
+         "x = torch.randn(13, 384); ids = torch.cat([torch.arange(5), torch.tensor([0, 0, 1, 1, 1, 3, 3, 3])]); "
+         "y = native.native_decode(x, ids, [getattr(t, f'q{b}') for b in (2, 3, 4, 6, 8)], list(t.expert_bits), "
+         "t.scale, t.zero, 64); ref = torch.einsum('snk,sk->sn', t.dequantize_nk(torch.float32).double()[ids], "
+         "native.rounded_x(x, 64).double()).float(); "
+         "save_file({'y': y, 'ref': ref}, __import__('sys').argv[1]); print('ISA', native.isa())")
+
+
+def _case_in(tmp_path, env: dict) -> tuple[str, dict]:
+    """_CASE (decode, one pair per expert, and tiles of several pairs; every width) in a process with env ->
+    (the build it ran, {"y", "ref"})."""
+    from safetensors.torch import load_file
+    out = tmp_path / f"y{len(list(tmp_path.iterdir()))}.safetensors"
+    r = subprocess.run([sys.executable, "-c", _CASE, str(out)], capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split("ISA ")[1].split()[0], load_file(out)
+
+
+@pytest.mark.skipif(native.isa() != "avx512", reason="GFNI is an option of the AVX-512 build only")
 def test_without_gfni_the_shift_and_mask_build_gives_the_same_bits(tmp_path):
     """DYNAMOQ_GFNI=0 builds the kernel without GFNI (CPUs without it: a shift and a mask per part of a code
     byte): bit-equal results, decode (one pair per expert) and tiles of several pairs."""
-    code = ("import torch; from safetensors.torch import save_file; from dynamoq import DynaMoExperts, native; "
-            "torch.manual_seed(0); t = DynaMoExperts.from_float(torch.randn(5, 24, 384), (2, 3, 4, 6, 8), 64); "
-            "x = torch.randn(13, 384); ids = torch.cat([torch.arange(5), torch.tensor([0, 0, 1, 1, 1, 3, 3, 3])]); "
-            "y = native.native_decode(x, ids, [getattr(t, f'q{b}') for b in (2, 3, 4, 6, 8)], list(t.expert_bits), "
-            "t.scale, t.zero, 64); save_file({'y': y}, __import__('sys').argv[1])")
-    from safetensors.torch import load_file
-    ys = []
-    for flag in ("1", "0"):
-        out = tmp_path / f"y{flag}.safetensors"
-        r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
-                           env={**os.environ, "DYNAMOQ_GFNI": flag})
-        assert r.returncode == 0, r.stderr[-2000:]
-        ys.append(load_file(out)["y"])
-    assert torch.equal(ys[0], ys[1]) and ys[0].abs().sum() > 0
+    (_, a), (_, b) = _case_in(tmp_path, {"DYNAMOQ_GFNI": "1"}), _case_in(tmp_path, {"DYNAMOQ_GFNI": "0"})
+    assert torch.equal(a["y"], b["y"]) and a["y"].abs().sum() > 0
+
+
+def test_every_build_this_cpu_runs_is_exact_and_they_agree(tmp_path):
+    """The AVX2 build (native_avx2.c, DYNAMOQ_NATIVE=avx2) on any CPU that runs the kernel, the AVX-512 one where the
+    CPU has it: each exact against the dequantized weights times the int8 x, so both agree but for float order."""
+    runs = {name: _case_in(tmp_path, {"DYNAMOQ_NATIVE": name}) for name in native.BUILDS
+            if native._cpu_ok(native.BUILDS[name][2])}
+    assert "avx2" in runs and native.isa() in runs
+    for name, (ran, out) in runs.items():
+        assert ran == name and out["y"].abs().sum() > 0
+        assert ((out["y"] - out["ref"]).norm() / out["ref"].norm()).item() < 1e-6, name
+    ys = [out["y"] for _, out in runs.values()]
+    assert all(torch.allclose(y, ys[0], rtol=1e-5, atol=1e-4) for y in ys)
 
 
 @pytest.mark.parametrize("shape", [(3, 192), (2, 5, 192)])

@@ -28,6 +28,18 @@ def default_threads() -> int:
     return max(1, min(DEFAULT_THREADS, os.cpu_count() or 1))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16; True where it cannot tell). Without
+    it oneDNN emulates bf16: a [2048, 576] x [576, 1536] product with its backward ran 6.5x slower under bf16
+    autocast than in float32 (2 threads, AMD Zen 3, AVX2 only)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), None)
+    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._common import Timer, atomic_dir, cache_base, determinism, say, sha256_file, state_digest, write_json
+from ._common import (Timer, atomic_dir, cache_base, cpu_has_bf16, determinism, say, sha256_file, state_digest,
+                      write_json)
 
 FORMAT = "real-v1"
 
@@ -76,7 +77,8 @@ class RealRecipe:
     seq_len: int = 256
     lr: float = 1e-3
     warmup: int = 4
-    bf16: bool = True               # bfloat16 autocast for the fine-tuning (float32 master weights)
+    bf16: bool | None = None        # bfloat16 autocast for the fine-tuning (float32 master weights); None: where
+                                    # the CPU multiplies bf16 natively (cpu_has_bf16), else float32
     router_windows: int = 16        # calibration windows per domain for the routers (apart from training's)
     router_weight_decay: float = 1e-4
     router_iters: int = 150
@@ -90,6 +92,8 @@ class RealRecipe:
     def estimate_seconds(self, layers: int = 30) -> float:
         """Rough build time with 2 idle threads on a recent x86 CPU (bf16 matrix units help)."""
         frac = (self.layers or layers) / layers
+        if not (cpu_has_bf16() if self.bf16 is None else self.bf16):
+            frac *= 2                   # float32 fine-tuning
         per_step = 3.5 * self.batch * self.seq_len / 1024 * frac
         feats = 0.35 * self.router_windows * self.seq_len / 256 * frac
         return 45 + len(self.domains) * (self.steps * per_step + feats) + 30 * frac
@@ -347,7 +351,7 @@ def build(out: str | Path, recipe: RealRecipe = RealRecipe(), threads: int | Non
 
     from .. import data
 
-    r = recipe
+    r = recipe if recipe.bf16 is not None else replace(recipe, bf16=cpu_has_bf16())   # recorded as used
     for d in r.domains:
         if d not in data.domains():
             raise ValueError(f"unknown domain {d!r}; the built-in domains are {data.domains()}")
