@@ -701,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DynaMo's per-expert bits from an analysis (--data or --analysis).")
     q.add_argument("model", nargs="?", help="path of a transformers MoE checkpoint (default: the real reference "
                    "model, dynamoq.models.reference('real'), built into the cache on first use: about 15-25 minutes "
-                   "with 2 threads, once)")
+                   "with 2 threads on a CPU with native bf16, about an hour without, once)")
     q.add_argument("--builtin", action="store_true", help="quantize the small built-in MoE with random weights "
                    "instead (seconds; for a quick look at the plumbing)")
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 6, 8), help="uniform bits (default: a mixed 8/4/3/2 demo, "

@@ -24,7 +24,7 @@ def reference(name: str = "real", *, seed: int = 0, rebuild: bool = False, progr
               threads: int | None = None) -> str:
     """Local path of a reference MoE, built first if missing: "real" (SmolLM2-135M-Instruct made a
     9-expert Mixtral by Branch-Train-MiX; built into the cache on first use, about 15-25 minutes with 2
-    threads) or "tiny" (a 4-layer Qwen3-MoE trained from scratch, shipped in the package). Load it
+    threads, an hour on a CPU without native bf16) or "tiny" (a 4-layer Qwen3-MoE trained from scratch, shipped in the package). Load it
     with ``transformers.AutoModelForCausalLM.from_pretrained(path)``; see ``dynamoq.reference``."""
     from .reference import reference as _reference
 

