@@ -133,17 +133,31 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
     const int c = 8 / W;
     const int32_t *lane_group = j->lane_group[W];
     const __m512i lo = _mm512_set1_epi8((char)((1 << W) - 1));
+    // Local copies: the stores to acc (__m512 may alias anything) made the compiler write the accumulators
+    // back and reload every pointer once per block.
+    const uint8_t *cr[4];
+    const float *fr_[4], *xs_[MAX_P];
+    const int8_t *xq_[MAX_P];
     __m512i ai[4][MAX_P];
-    for (int r = 0; r < R; r++)
-        for (int p = 0; p < P; p++) ai[r][p] = _mm512_setzero_si512();
-    int64_t left = per, g = 0;
+    __m512 a[4][MAX_P];
+    for (int r = 0; r < R; r++) {
+        cr[r] = codes[r];
+        fr_[r] = f[r];
+        for (int p = 0; p < P; p++) ai[r][p] = _mm512_setzero_si512(), a[r][p] = acc[r][p];
+    }
+    for (int p = 0; p < P; p++) xq_[p] = xq[p], xs_[p] = folded ? NULL : xs[p];
+    // Not whole: the block's first group g0 = B / bpg, kept without a division per block (an idiv was in the
+    // loop); where bpg divides 64 every block has the same lanes' groups (one table load).
+    const int64_t step = 64 % bpg == 0 ? 64 / bpg : 0;
+    const __m512i idx0 = whole ? _mm512_setzero_si512() : _mm512_loadu_si512((const void *)lane_group);
+    int64_t left = per, g = 0, g0 = 0, rem = 0;
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
         __m512i v[4], u[4];
-        load_block(j, W2, R, codes, B, m, nbytes, ahead, v, u);
+        load_block(j, W2, R, cr, B, m, nbytes, ahead, v, u);
         for (int q = 0; q < c; q++) {
             __m512i xv[MAX_P];
-            for (int p = 0; p < P; p++) xv[p] = load64(m, xq[p] + q * nbytes + B);
+            for (int p = 0; p < P; p++) xv[p] = load64(m, xq_[p] + q * nbytes + B);
             for (int r = 0; r < R; r++) {
                 const __m512i part = W2 ? with_second(code_part(v[r], W, q, lo), u[r], W, W2, q) : code_part(v[r], W, q, lo);
                 for (int p = 0; p < P; p++) ai[r][p] = _mm512_dpbusd_epi32(ai[r][p], part, xv[p]);
@@ -153,22 +167,28 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
         if (whole) {
             if (--left) continue;
             left = per;
-            for (int p = 0; p < P && !folded; p++) fx[p] = _mm512_set1_ps(xs[p][g]);
-            for (int r = 0; r < R; r++) fr[r] = _mm512_set1_ps(f[r][g]);
+            for (int p = 0; p < P && !folded; p++) fx[p] = _mm512_set1_ps(xs_[p][g]);
+            for (int r = 0; r < R; r++) fr[r] = _mm512_set1_ps(fr_[r][g]);
             g++;
         } else {        // lane_group: the group of each int32 lane minus the block's first group
-            const __m512i idx = _mm512_loadu_si512((const void *)(lane_group + B / 4));
-            const int64_t g0 = B / bpg;
-            for (int p = 0; p < P && !folded; p++) fx[p] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs[p] + g0));
-            for (int r = 0; r < R; r++) fr[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(f[r] + g0));
+            const __m512i idx = step ? idx0 : _mm512_loadu_si512((const void *)(lane_group + B / 4));
+            for (int p = 0; p < P && !folded; p++) fx[p] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs_[p] + g0));
+            for (int r = 0; r < R; r++) fr[r] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(fr_[r] + g0));
+            if (step) {
+                g0 += step;
+            } else {
+                for (rem += 64; rem >= bpg; rem -= bpg) g0++;
+            }
         }
         for (int r = 0; r < R; r++)
             for (int p = 0; p < P; p++) {
-                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][p]), folded ? fr[r] : _mm512_mul_ps(fr[r], fx[p]),
-                                            acc[r][p]);
+                a[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][p]), folded ? fr[r] : _mm512_mul_ps(fr[r], fx[p]),
+                                          a[r][p]);
                 ai[r][p] = _mm512_setzero_si512();
             }
     }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) acc[r][p] = a[r][p];
 }
 
 #define TILE_WW(Rv, Pv, whole, folded)                                                                    \
