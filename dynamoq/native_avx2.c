@@ -63,22 +63,35 @@ static inline AI void tile(const job_t *j, const int W, const int R, const int P
     const int c = W == 8 ? 2 : 8 / W;                    // parts of a byte (8 bits: two halves of one input)
     const __m256i lo = _mm256_set1_epi8((char)(W == 8 ? 15 : (1 << W) - 1)), ones = _mm256_set1_epi16(1);
     const int32_t *lane_group = j->lane_group[W];
+    // Local copies, as in native_decode.c: stores to acc may alias the pointers, which were then reloaded per block.
+    const uint8_t *cr[4];
+    const float *fr_[4], *xs_[MAX_P];
+    const int8_t *xq_[MAX_P];
     __m256i ai[4][MAX_P];
-    for (int r = 0; r < R; r++)
-        for (int p = 0; p < P; p++) ai[r][p] = _mm256_setzero_si256();
-    int64_t left = per, g = 0;
+    __m256 a[4][MAX_P];
+    for (int r = 0; r < R; r++) {
+        cr[r] = codes[r];
+        fr_[r] = f[r];
+        for (int p = 0; p < P; p++) ai[r][p] = _mm256_setzero_si256(), a[r][p] = acc[r][p];
+    }
+    for (int p = 0; p < P; p++) xq_[p] = xq[p], xs_[p] = folded ? NULL : xs[p];
+    // Not whole: the block's first group g0 = B / bpg without a division per block; where bpg divides 32 every
+    // block has the same lanes' groups.
+    const int64_t step = 32 % bpg == 0 ? 32 / bpg : 0;
+    const __m256i idx0 = whole ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i *)lane_group);
+    int64_t left = per, g = 0, g0 = 0, rem = 0;
     for (int64_t B = 0; B < nbytes; B += 32) {
         const int64_t rest = nbytes - B;
         __m256i v[4];
         for (int r = 0; r < R; r++) {
-            if (B % 64 == 0) _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
-            v[r] = rest >= 32 ? _mm256_loadu_si256((const __m256i *)(codes[r] + B))
-                              : _mm256_maskload_epi32((const int *)(codes[r] + B), first8(rest / 4));
+            if (B % 64 == 0) _mm_prefetch((const char *)cr[r] + B + ahead, _MM_HINT_T1);
+            v[r] = rest >= 32 ? _mm256_loadu_si256((const __m256i *)(cr[r] + B))
+                              : _mm256_maskload_epi32((const int *)(cr[r] + B), first8(rest / 4));
         }
         __m256i s[4][MAX_P];
         for (int q = 0; q < c; q++) {
             __m256i xv[MAX_P];
-            for (int p = 0; p < P; p++) xv[p] = _mm256_loadu_si256((const __m256i *)(xq[p] + (W == 8 ? 0 : q * nbytes) + B));
+            for (int p = 0; p < P; p++) xv[p] = _mm256_loadu_si256((const __m256i *)(xq_[p] + (W == 8 ? 0 : q * nbytes) + B));
             for (int r = 0; r < R; r++) {
                 const int sh = W == 8 ? 4 * q : W * q;
                 const __m256i part = _mm256_and_si256(sh ? _mm256_srli_epi16(v[r], sh) : v[r], lo);
@@ -98,22 +111,28 @@ static inline AI void tile(const job_t *j, const int W, const int R, const int P
         if (whole) {
             if (--left) continue;
             left = per;
-            for (int p = 0; p < P && !folded; p++) fx[p] = _mm256_set1_ps(xs[p][g]);
-            for (int r = 0; r < R; r++) fr[r] = _mm256_set1_ps(f[r][g]);
+            for (int p = 0; p < P && !folded; p++) fx[p] = _mm256_set1_ps(xs_[p][g]);
+            for (int r = 0; r < R; r++) fr[r] = _mm256_set1_ps(fr_[r][g]);
             g++;
         } else {            // each lane's group, relative to the block's first
-            const __m256i idx = _mm256_loadu_si256((const __m256i *)(lane_group + B / 4));
-            const int64_t g0 = B / bpg;
-            for (int p = 0; p < P && !folded; p++) fx[p] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs[p] + g0), idx);
-            for (int r = 0; r < R; r++) fr[r] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(f[r] + g0), idx);
+            const __m256i idx = step ? idx0 : _mm256_loadu_si256((const __m256i *)(lane_group + B / 4));
+            for (int p = 0; p < P && !folded; p++) fx[p] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs_[p] + g0), idx);
+            for (int r = 0; r < R; r++) fr[r] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(fr_[r] + g0), idx);
+            if (step) {
+                g0 += step;
+            } else {
+                for (rem += 32; rem >= bpg; rem -= bpg) g0++;
+            }
         }
         for (int r = 0; r < R; r++)
             for (int p = 0; p < P; p++) {
-                acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r][p]), folded ? fr[r] : _mm256_mul_ps(fr[r], fx[p]),
-                                            acc[r][p]);
+                a[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r][p]), folded ? fr[r] : _mm256_mul_ps(fr[r], fx[p]),
+                                          a[r][p]);
                 ai[r][p] = _mm256_setzero_si256();
             }
     }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) acc[r][p] = a[r][p];
 }
 
 #define TILE_W(Rv, Pv, folded)                                                                               \
