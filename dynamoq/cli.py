@@ -243,12 +243,13 @@ def cmd_quantize(args) -> int:
     from . import htmlreport
 
     _check_quantize_args(args)
+    if args.model:
+        _check_model_path(args.model)       # before the datasets, which may take a while to build
     texts = datasets_from_args(args.data, "calib", args.corpus_dir) if args.data else None
     eval_texts = datasets_from_args(args.eval, args.eval_split, args.corpus_dir) if args.eval else None
     timings: dict[str, float] = {}
     t_load = time.perf_counter()
     if args.model:
-        _check_model_path(args.model)
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         name = args.model
     elif args.builtin:
@@ -392,6 +393,8 @@ def cmd_analyze(args) -> int:
     import dynamoq
     from . import htmlreport, plots
 
+    if args.model:
+        _check_model_path(args.model)
     texts = datasets_from_args(args.data, "calib", args.corpus_dir)     # bad data fails before the model loads
     timings: dict[str, float] = {}
     with _step(args, "loading the model", timings, "load"):
@@ -445,6 +448,7 @@ def cmd_adapt(args) -> int:
     import dynamoq
     from . import switching
 
+    _check_model_path(args.model)
     texts = datasets_from_args(args.data, "calib", args.corpus_dir)
     with _step(args, f"loading {args.model}"):
         model = load_model(args.model, args.dtype)
@@ -478,6 +482,7 @@ def cmd_eval(args) -> int:
     import dynamoq
     from . import htmlreport
 
+    _check_model_path(args.model)           # before the datasets, which may take a while to build
     texts = datasets_from_args(args.data, args.split, args.corpus_dir)
     with _step(args, f"loading {args.model}"):
         model = load_model(args.model, args.dtype)
