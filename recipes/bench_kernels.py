@@ -531,11 +531,15 @@ def _merged(earlier: dict, now: dict) -> dict:
     key = lambda r: (r["shape"], r["threads"], r["tokens"], r["variant"])
     measured = {key(r) for r in now["rows"]}
     keep = [r for r in earlier["rows"] if key(r) not in measured]
+    # earlier runs' notes on rows that no longer come from them ("layer rows (...": every layer row replaced;
+    # "end-to-end rows (...": new end-to-end rows) go
+    gone = ("layer rows (",) * (not keep) + ("end-to-end rows (",) * bool(now["e2e"])
+    earlier_notes = [n for n in earlier["notes"] if not n.startswith(gone)] if gone else earlier["notes"]
     shapes = list(dict.fromkeys(r["shape"] for r in earlier["rows"] + now["rows"]))
     rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"],
                                                      r["variant"].startswith("torchao"), r["tokens"]))
     return {**now, "rows": rows, "e2e": now["e2e"] or earlier["e2e"],
-            "notes": earlier["notes"] + [n for n in now["notes"] if n not in earlier["notes"]],
+            "notes": earlier_notes + [n for n in now["notes"] if n not in earlier_notes],
             "commands": earlier.get("commands", [earlier["command"]]) + [now["command"]],
             "complete": now["complete"] and earlier["complete"]}
 
@@ -623,7 +627,9 @@ def main():
             print(md)
 
     if DEVICE.type == "cpu":
-        notes.append("memory read at the start (torch sum of 1 GiB float32): " + ", ".join(
+        which = "layer and end-to-end rows" if args.shapes and args.e2e else "layer rows" if args.shapes else "end-to-end rows"
+        notes.append(f"{which} (`{command}`, {time.strftime('%Y-%m-%d')}): memory read at the start "
+                     "(torch sum of 1 GiB float32): " + ", ".join(
             f"{t} thread{'s' * (t > 1)} {read_bandwidth(t):.1f} GB/s" for t in args.threads if t))
     for shape in args.shapes:
         print(f"== {shape}", flush=True)

@@ -300,6 +300,13 @@ def test_benchmark_merge_replaces_only_the_sizes_measured_again():
     assert [r["ms"] for r in merged["rows"]] == [1.0, 5.0, 3.0, 6.0]
     assert merged["commands"] == ["first", "second"] and merged["notes"] == ["a", "b"]
     assert merged["e2e"] == [{"threads": 1}]
+    # a run that replaces every layer row drops the earlier runs' notes on layer rows, keeps the others
+    earlier["notes"] = ["layer rows (`first`): 20 GB/s", "end-to-end rows (`e2e`): 30 GB/s", "a"]
+    now["notes"] = ["layer rows (`second`): 25 GB/s"]
+    now["rows"] = [{**r, "ms": 9.0} for r in earlier["rows"]]
+    merged = bench_kernels._merged(earlier, now)
+    assert merged["notes"] == ["end-to-end rows (`e2e`): 30 GB/s", "a", "layer rows (`second`): 25 GB/s"]
+    assert [r["ms"] for r in merged["rows"]] == [9.0] * 4
 
 
 def test_benchmark_combine_writes_one_table_from_separate_runs(tmp_path, monkeypatch):
