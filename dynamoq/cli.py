@@ -243,8 +243,6 @@ def cmd_quantize(args) -> int:
     from . import htmlreport
 
     _check_quantize_args(args)
-    if args.model:
-        _check_model_path(args.model)       # before the datasets, which may take a while to build
     texts = datasets_from_args(args.data, "calib", args.corpus_dir) if args.data else None
     eval_texts = datasets_from_args(args.eval, args.eval_split, args.corpus_dir) if args.eval else None
     timings: dict[str, float] = {}
@@ -393,8 +391,6 @@ def cmd_analyze(args) -> int:
     import dynamoq
     from . import htmlreport, plots
 
-    if args.model:
-        _check_model_path(args.model)
     texts = datasets_from_args(args.data, "calib", args.corpus_dir)     # bad data fails before the model loads
     timings: dict[str, float] = {}
     with _step(args, "loading the model", timings, "load"):
@@ -448,7 +444,6 @@ def cmd_adapt(args) -> int:
     import dynamoq
     from . import switching
 
-    _check_model_path(args.model)
     texts = datasets_from_args(args.data, "calib", args.corpus_dir)
     with _step(args, f"loading {args.model}"):
         model = load_model(args.model, args.dtype)
@@ -482,7 +477,6 @@ def cmd_eval(args) -> int:
     import dynamoq
     from . import htmlreport
 
-    _check_model_path(args.model)           # before the datasets, which may take a while to build
     texts = datasets_from_args(args.data, args.split, args.corpus_dir)
     with _step(args, f"loading {args.model}"):
         model = load_model(args.model, args.dtype)
@@ -827,6 +821,8 @@ def main(argv=None) -> int:
         import transformers
         transformers.utils.logging.disable_progress_bar()
     try:
+        if getattr(args, "model", None):     # every command's model path, before its datasets (slow to build)
+            _check_model_path(args.model)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"dynamoq {args.command}: interrupted", file=sys.stderr)

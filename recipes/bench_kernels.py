@@ -525,16 +525,21 @@ def _earlier(args) -> dict:
     return json.loads(path.read_text())
 
 
+# A run's own notes start with what it measured: (layer rows?, end-to-end rows?) -> label
+NOTE_LABELS = {(True, False): "layer rows", (False, True): "end-to-end rows", (True, True): "layer and end-to-end rows"}
+
+
 def _merged(earlier: dict, now: dict) -> dict:
     """now's rows, plus earlier's rows for the sizes and variants now did not measure (and earlier's
     end-to-end rows when now ran none); both commands are kept."""
     key = lambda r: (r["shape"], r["threads"], r["tokens"], r["variant"])
     measured = {key(r) for r in now["rows"]}
     keep = [r for r in earlier["rows"] if key(r) not in measured]
-    # earlier runs' notes on rows that no longer come from them ("layer rows (...": every layer row replaced;
-    # "end-to-end rows (...": new end-to-end rows) go
-    gone = ("layer rows (",) * (not keep) + ("end-to-end rows (",) * bool(now["e2e"])
-    earlier_notes = [n for n in earlier["notes"] if not n.startswith(gone)] if gone else earlier["notes"]
+    # an earlier run's note goes when every kind of row it speaks of (its NOTE_LABELS label) has been replaced
+    replaced = (not keep, bool(now["e2e"]))
+    gone = tuple(label + " (" for kinds, label in NOTE_LABELS.items()
+                 if all(r or not k for k, r in zip(kinds, replaced)))
+    earlier_notes = [n for n in earlier["notes"] if not n.startswith(gone)]
     shapes = list(dict.fromkeys(r["shape"] for r in earlier["rows"] + now["rows"]))
     rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"],
                                                      r["variant"].startswith("torchao"), r["tokens"]))
@@ -627,7 +632,7 @@ def main():
             print(md)
 
     if DEVICE.type == "cpu":
-        which = "layer and end-to-end rows" if args.shapes and args.e2e else "layer rows" if args.shapes else "end-to-end rows"
+        which = NOTE_LABELS.get((bool(args.shapes), bool(args.e2e)), "rows")
         notes.append(f"{which} (`{command}`, {time.strftime('%Y-%m-%d')}): memory read at the start "
                      "(torch sum of 1 GiB float32): " + ", ".join(
             f"{t} thread{'s' * (t > 1)} {read_bandwidth(t):.1f} GB/s" for t in args.threads if t))
