@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 #include <sys/mman.h>
 
@@ -127,6 +129,26 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
     return y;
 }
 
+// The Autograd key's kernel: on to the next key (unboxed), with an x that needs its gradient the result's history
+// an error (backward through it raises, as under PyTorch's fallback for kernels without a derivative). Through that
+// boxed fallback and back, a call from a compiled graph cost ~15 us more from cold caches.
+at::Tensor native_decode_autograd(const at::Tensor &x, const at::Tensor &ids, at::TensorList codes,
+                                  at::IntArrayRef expert_bits, const at::Tensor &scale, const at::Tensor &zero,
+                                  int64_t group_size) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dynamoq::native_decode", "")
+                               .typed<decltype(native_decode)>();
+    at::Tensor y;
+    {
+        at::AutoDispatchBelowADInplaceOrView below;     // on to the CPU kernel, or to fake tensors' (tracing)
+        y = op.call(x, ids, codes, expert_bits, scale, zero, group_size);
+    }
+    if (at::GradMode::is_enabled() && x.requires_grad())
+        torch::autograd::set_history(y, c10::make_intrusive<torch::autograd::NotImplemented>(
+                                            "dynamoq::native_decode", torch::autograd::collect_next_edges(x)));
+    return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynamoq, CPU, m) { m.impl("native_decode", &native_decode); }
+TORCH_LIBRARY_IMPL(dynamoq, AutogradCPU, m) { m.impl("native_decode", &native_decode_autograd); }

@@ -53,6 +53,8 @@ class _PackedWeight(TorchAOBaseTensor):
                  q2=None, q3=None, q4=None, q6=None, q8=None,
                  cache_idx=None, cache_fp=None, cache_delta=None, cache_level=None):
         self.scale, self.zero, self._dtype = scale, zero, dtype
+        e, n, k = scale.shape[0], scale.shape[1], scale.shape[2] * int(group_size)
+        self._shape, self._device = tuple(self._logical_shape(e, n, k, bool(transposed))), scale.device
         self.expert_bits = tuple(int(b) for b in expert_bits)
         self.group_size, self.transposed = int(group_size), bool(transposed)
         self.q2, self.q3, self.q4, self.q6, self.q8 = q2, q3, q4, q6, q8
@@ -61,13 +63,13 @@ class _PackedWeight(TorchAOBaseTensor):
     def __tensor_flatten__(self):
         # torchao's generic version (hasattr / getattr on the tensor) took ~4 us, and torch.compile calls it
         # twice per packed weight on every call of a compiled model (guards) and once more to unwrap it
-        # (dynamo's metadata guard compares the second part; with "present" it also covers the first, so
-        # kernels.guard_filter can drop dynamo's separate guard on the names)
+        # (dynamo's metadata guard compares the second part; with "present" it also covers the first, and with
+        # shape and device the weight's own tensor guard, so kernels.guard_filter can drop those)
         d = self.__dict__                  # (self.dtype alone, a property of a subclass, costs ~2.4 us)
         present = tuple(n for n in _OPTIONAL if d[n] is not None)
         return ["scale", "zero", *present], {
             "expert_bits": d["expert_bits"], "group_size": d["group_size"], "transposed": d["transposed"],
-            "dtype": d["_dtype"], "present": present}
+            "dtype": d["_dtype"], "present": present, "shape": d["_shape"], "device": d["_device"]}
 
     @staticmethod
     def _logical_shape(e, n, k, transposed):

@@ -218,6 +218,17 @@ def compile_layer(layer, fullgraph: bool, native: bool = True, amx: bool = True)
     return run
 
 
+# torch.compile's own cost per call of a compiled frame (its Python entry, guards, the graph's wrapper), measured
+# beside the 1-token layers with the same harness: a layer compiled on its own pays it on every call, a model
+# compiled whole once per decode step. Reported in a note (FRAME_NOTE), not as a row.
+FRAME_NOTE = "a compiled frame that only adds 1 to its input"
+
+
+class _Frame(torch.nn.Module):
+    def forward(self, hidden_states):
+        return hidden_states + 1
+
+
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -317,6 +328,9 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
 def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes, report_bf16):
     xs = inputs(block, tokens, args.pool)
     ok, err = {}, {}
+    if tokens == 1 and report_bf16 and DEVICE.type == "cpu":
+        ok[FRAME_NOTE] = compile_layer(_Frame(), True)
+        ok[FRAME_NOTE](xs[0])
     for name, f in fns.items():           # compile (and check) before timing
         try:
             t0 = time.perf_counter()
@@ -332,6 +346,11 @@ def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes
                          f"{str(e).splitlines()[0][:160]}")
             traceback.print_exc()
     secs = measure(ok, xs, args.runs, args.reps)
+    if FRAME_NOTE in secs:
+        notes.append(f"{shape}, {threads} thread{'s' * (threads > 1)}, 1 token, {FRAME_NOTE}: "
+                     f"{1e3 * secs.pop(FRAME_NOTE):.2f} ms a call, caches evicted as for the layers (torch.compile's "
+                     f"entry, guards and graph wrapper, paid by every variant here; once per decode step by a model "
+                     f"compiled whole)")
     bf16 = min(v for k, v in secs.items() if k.startswith("bf16"))
     for name, s in secs.items():
         if name.startswith("bf16") and not report_bf16:
@@ -539,7 +558,8 @@ def _merged(earlier: dict, now: dict) -> dict:
     replaced = (not keep, bool(now["e2e"]))
     gone = tuple(label + " (" for kinds, label in NOTE_LABELS.items()
                  if all(r or not k for k, r in zip(kinds, replaced)))
-    earlier_notes = [n for n in earlier["notes"] if not n.startswith(gone)]
+    frames = tuple(n.split(FRAME_NOTE)[0] + FRAME_NOTE for n in now["notes"] if FRAME_NOTE in n)   # measured again
+    earlier_notes = [n for n in earlier["notes"] if not n.startswith(gone) and not (frames and n.startswith(frames))]
     shapes = list(dict.fromkeys(r["shape"] for r in earlier["rows"] + now["rows"]))
     rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"],
                                                      r["variant"].startswith("torchao"), r["tokens"]))

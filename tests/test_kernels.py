@@ -227,15 +227,16 @@ def test_unbacked_token_count_one_graph_and_switching_does_not_recompile(decode_
 
 
 def test_guard_filter_drops_implied_guards_and_a_new_layout_still_recompiles(decode_mode):
-    """compile_options' guard filter drops only guards a packed weight's metadata implies (its inner tensors'
-    and attributes'); the metadata guard stays, so a weight of other bit-widths, another group size or with
-    a switching cache put in its place recompiles and gives that weight's result."""
+    """compile_options' guard filter drops only guards a packed weight's metadata implies (its inner tensors',
+    its attributes' and its own tensor guard); its type and metadata guards stay, so a weight of other
+    bit-widths, another group size or with a switching cache put in its place recompiles and gives that
+    weight's result."""
     blk = _block(MIXED)
     kept = {}
 
     def record(entries):
         keep = kernels.guard_filter(entries)
-        kept.update((e.name, k) for e, k in zip(entries, keep))
+        kept.update(((e.name, e.guard_type), k) for e, k in zip(entries, keep))
         return keep
     torch._dynamo.reset()
     counters.clear()
@@ -243,16 +244,33 @@ def test_guard_filter_drops_implied_guards_and_a_new_layout_still_recompiles(dec
     x = torch.randn(1, 3, 128)
     with torch.no_grad():
         assert _close(f(x), blk(x), decode_mode)
-        dropped = {n for n, k in kept.items() if not k}
+        dropped = {n for (n, _), k in kept.items() if not k}
         for name in ("gate_up_proj", "down_proj"):
             w = f"_parameters['{name}']"
             assert {f"{w}.scale", f"{w}.zero", f"{w}.q2", f"{w}.expert_bits"} <= {n[n.rfind("_parameters"):] for n in dropped}
-            assert any(n.endswith(w) and k for n, k in kept.items())       # the weight's own guards stay
+            own = {t: k for (n, t), k in kept.items() if n.endswith(w)}
+            assert own["TYPE_MATCH"] and own["TENSOR_SUBCLASS_METADATA_MATCH"] and not own["TENSOR_MATCH"]
         assert all("_parameters['gate_up_proj']" in n or "_parameters['down_proj']" in n for n in dropped)
         for graphs, other in enumerate([_block((4,) * 8), _block(MIXED, g=64), _block(MIXED, cache=4)], 2):
             for name in ("gate_up_proj", "down_proj"):
                 setattr(blk.experts, name, getattr(other.experts, name))
             assert _close(f(x), other(x), decode_mode)
+            assert _graphs() == graphs
+
+
+def test_guard_filter_a_weight_of_another_shape_recompiles():
+    """Without the packed weight's own tensor guard (guard_filter) its shape and device are in the metadata
+    guard: a weight of the same bit-widths and group size but other rows (N) or inputs (K) recompiles."""
+    f = torch.compile(kernels.expert_linear, fullgraph=True, options=kernels.compile_options())
+    ids = torch.tensor([0, 3, 5])
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for graphs, (n, k) in enumerate([(48, 256), (32, 256), (48, 128)], 1):
+            w, x = _experts(MIXED, n=n, k=k), torch.randn(3, k)
+            assert w.__tensor_flatten__()[1]["shape"] == (8, n, k)
+            y = f(w, x, ids)
+            assert y.shape == (3, n) and _close(y, kernels.expert_linear(w, x, ids))
             assert _graphs() == graphs
 
 
@@ -307,6 +325,12 @@ def test_benchmark_merge_replaces_only_the_sizes_measured_again():
     merged = bench_kernels._merged(earlier, now)
     assert merged["notes"] == ["end-to-end rows (`e2e`): 30 GB/s", "a", "layer rows (`second`): 25 GB/s"]
     assert [r["ms"] for r in merged["rows"]] == [9.0] * 4
+    # the compiled frame's cost, measured again for a shape and thread count, replaces only that note
+    frame = lambda shape, ms: f"{shape}, 1 thread, 1 token, {bench_kernels.FRAME_NOTE}: {ms} ms a call"
+    earlier["notes"] = [frame("olmoe", 0.3), frame("qwen3", 0.4), "olmoe, 1 thread, 1 token: other"]
+    now["notes"] = [frame("olmoe", 0.2)]
+    merged = bench_kernels._merged(earlier, now)
+    assert merged["notes"] == [frame("qwen3", 0.4), "olmoe, 1 thread, 1 token: other", frame("olmoe", 0.2)]
 
 
 def test_benchmark_combine_writes_one_table_from_separate_runs(tmp_path, monkeypatch):

@@ -101,6 +101,20 @@ def test_no_pairs_and_out_of_range_ids():
     assert torch.equal(_run(t, x, torch.tensor([-5, 7])), _run(t, x, torch.tensor([0, 2])))
 
 
+def test_an_x_that_needs_its_gradient_gets_the_same_result_and_backward_says_it_is_not_implemented():
+    """The operator has no derivative: under grad mode with an x that requires grad (a plain forward of a model
+    whose other weights train) it computes as without, and a backward through it raises."""
+    t = DynaMoExperts.from_float(torch.randn(4, 32, 128), (2, 3, 4, 8), 64)
+    x, ids = torch.randn(2, 128, requires_grad=True), torch.tensor([0, 3])
+    for _ in range(2):                          # (the first call of a process may load the library)
+        y = _run(t, x, ids)
+        assert y.requires_grad
+        with torch.no_grad():
+            assert torch.equal(y, _run(t, x, ids)) and not _run(t, x, ids).requires_grad
+        with pytest.raises(RuntimeError, match="not implemented"):
+            y.sum().backward()
+
+
 def test_layouts_it_does_not_take_fall_back_to_inductor_loops():
     t = DynaMoExperts.from_float(torch.randn(3, 16, 64), (3, 2, 4), 16)     # g16: a 1-bit plane has 2 bytes a group
     x, ids = torch.randn(2, 64), torch.tensor([0, 2])
