@@ -45,16 +45,15 @@ class _PackedWeight(TorchAOBaseTensor):
                 q2=None, q3=None, q4=None, q6=None, q8=None,
                 cache_idx=None, cache_fp=None, cache_delta=None, cache_level=None):
         e, n, k = scale.shape[0], scale.shape[1], scale.shape[2] * group_size
-        shape = cls._logical_shape(e, n, k, transposed)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=scale.device,
-                                                   requires_grad=False)
+        shape = tuple(cls._logical_shape(e, n, k, transposed))
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=scale.device, requires_grad=False)
+        t._shape, t._device = shape, scale.device      # plain copies for __tensor_flatten__ (t.shape costs microseconds)
+        return t
 
     def __init__(self, scale, zero, expert_bits, group_size, transposed, dtype,
                  q2=None, q3=None, q4=None, q6=None, q8=None,
                  cache_idx=None, cache_fp=None, cache_delta=None, cache_level=None):
         self.scale, self.zero, self._dtype = scale, zero, dtype
-        e, n, k = scale.shape[0], scale.shape[1], scale.shape[2] * int(group_size)
-        self._shape, self._device = tuple(self._logical_shape(e, n, k, bool(transposed))), scale.device
         self.expert_bits = tuple(int(b) for b in expert_bits)
         self.group_size, self.transposed = int(group_size), bool(transposed)
         self.q2, self.q3, self.q4, self.q6, self.q8 = q2, q3, q4, q6, q8
