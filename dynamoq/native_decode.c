@@ -25,13 +25,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Code bytes are prefetched this far ahead (rounded up to whole rows): with the hardware prefetcher alone one
-// core read 5.5 GB/s from memory, against 14 from cache. Into L2 (T1) rather than L1 (T0): far more lines can
-// be in flight, and a decode of 8 experts from memory (cold caches) ran 1.5-1.8x faster. Since the tile loop keeps
-// its accumulators in registers, 8 KB ahead beats 16 KB by 1-4% (Zen 4, one process, the distance alternated per
-// call: both projections of 8 mixed-width experts, 1 thread, 1 token, OLMoE shape 0.98 -> 0.97 ms, Qwen3 0.86 ->
-// 0.84; 2 threads Qwen3 0.54 -> 0.52; 16 tokens 11.10 -> 10.96; 4 KB and 32-64 KB slower). (Prefetching each
-// expert's first rows, or each row's scales and zero points, as well gained nothing measurable.)
+// Code bytes are prefetched this far ahead: with the hardware prefetcher alone one core read 5.5 GB/s from memory,
+// against 14 from cache (a tile reads R rows side by side, which the hardware's stream detection does not follow).
+// Into L2 (T1) rather than L1 (T0): far more lines can be in flight, and a decode of 8 experts from memory (cold
+// caches) ran 1.5-1.8x faster (T0 on Zen 4: 2x slower). 8 KB ahead beat 4 and 16-64 KB by 1-4% (Zen 4: both
+// projections of 8 mixed-width experts, 1 token, Qwen3 shape 0.86 -> 0.84 ms). A tile prefetches its R rows'
+// bytes in address order, a few lines per step (prefetch_lines), rather than each row 8 KB ahead of itself: one
+// process, cold caches, the two alternated per call, Zen 4, 1 thread, 1 token, Qwen3-shaped gate_up of 8 experts:
+// mixed widths 0.450 -> 0.428 ms, 4-bit 0.584 -> 0.505, 8-bit 1.254 -> 1.127, 2-bit 0.375 -> 0.370; 4 and 16
+// tokens even to 7% faster. (Prefetching each expert's first rows, or each row's scales and zero points, as well
+// gained nothing measurable.)
 #define PREFETCH_BYTES 8192
 #define ROW_BLOCK 32
 #define MAX_P 4
@@ -106,30 +109,27 @@ static inline __attribute__((always_inline)) __m512i with_second(__m512i part, _
     return _mm512_ternarylogic_epi32(part, hi, _mm512_set1_epi8((char)(((1 << W2) - 1) << W)), 0xF8);
 }
 
-// Block B (64 bytes, mask m) of the first plane of R rows into v, prefetching `ahead`; with a second plane
-// (W2 > 0), its bytes for that block into u (second_plane).
+// Block B (64 bytes, mask m) of the first plane of R rows into v; with a second plane (W2 > 0), its bytes for
+// that block into u (second_plane).
 static inline __attribute__((always_inline)) void load_block(const job_t *j, const int W2, const int R,
                                                              const uint8_t *const *codes, int64_t B, __mmask64 m,
-                                                             int64_t nbytes, int64_t ahead, __m512i *v, __m512i *u) {
+                                                             int64_t nbytes, __m512i *v, __m512i *u) {
     for (int r = 0; r < R; r++) {
-        _mm_prefetch((const char *)codes[r] + B + ahead, _MM_HINT_T1);
         v[r] = load64(m, codes[r] + B);
-        if (W2) {
-            if (B % 128 == 0) _mm_prefetch((const char *)codes[r] + nbytes + B / 2 + ahead, _MM_HINT_T1);
-            u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
-        }
+        if (W2) u[r] = second_plane(j, codes[r] + nbytes, B, nbytes);
     }
 }
 
 // One plane of width W for a tile of R rows (code bytes at codes[r], per-group factors f[r]: scale *
-// 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): acc[r][p] += the plane's share (16 float lanes).
+// 2**offset) and P pairs (x bytes xq[p], x scales xs[p]): acc[r][p] += the plane's share (16 float lanes);
+// `lines` lines prefetched at *pf per 64-byte step (prefetch_lines), *pf moved past them.
 // whole: the plane's groups are whole 64-byte blocks (gs * W / 8 a multiple of 64), so the int32 lanes of a
 // group meet its one factor (broadcast) once per group; else once per block, each lane its group's.
 // folded (P = 1): the factors f already include the pair's x scales (one_factors); xs is not read.
 static inline __attribute__((always_inline)) void tile(const job_t *j, const int W, const int W2, const int R,
                                                        const int P, const int whole, const int folded,
                                                        const uint8_t *const *codes,
-                                                       int64_t ahead,
+                                                       const char **pf, const int lines,
                                                        const int8_t *const *xq, const float *const *xs,
                                                        const float *const *f, __m512 acc[4][MAX_P]) {
     const int64_t nbytes = j->K * W / 8, bpg = j->gs * W / 8, per = whole ? bpg / 64 : 1;
@@ -154,10 +154,12 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
     const int64_t step = 64 % bpg == 0 ? 64 / bpg : 0;
     const __m512i idx0 = whole ? _mm512_setzero_si512() : _mm512_loadu_si512((const void *)lane_group);
     int64_t left = per, g = 0, g0 = 0, rem = 0;
+    const char *pc = *pf;
     for (int64_t B = 0; B < nbytes; B += 64) {
         const __mmask64 m = nbytes - B >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (nbytes - B)) - 1);
+        for (int l = 0; l < lines; l++, pc += 64) _mm_prefetch(pc, _MM_HINT_T1);
         __m512i v[4], u[4];
-        load_block(j, W2, R, cr, B, m, nbytes, ahead, v, u);
+        load_block(j, W2, R, cr, B, m, nbytes, v, u);
         for (int q = 0; q < c; q++) {
             __m512i xv[MAX_P];
             for (int p = 0; p < P; p++) xv[p] = load64(m, xq_[p] + q * nbytes + B);
@@ -192,24 +194,42 @@ static inline __attribute__((always_inline)) void tile(const job_t *j, const int
     }
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++) acc[r][p] = a[r][p];
+    *pf = pc;
 }
 
 #define TILE_WW(Rv, Pv, whole, folded)                                                                    \
     switch (w * 10 + w2) {                                                                                \
-        case 80: tile(j, 8, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
-        case 40: tile(j, 4, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
-        case 42: tile(j, 4, 2, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
-        case 20: tile(j, 2, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
-        case 21: tile(j, 2, 1, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
-        default: tile(j, 1, 0, Rv, Pv, whole, folded, codes, ahead, xq, xs, f, acc); break;               \
+        case 80: tile(j, 8, 0, Rv, Pv, whole, folded, codes, &pf, lines, xq, xs, f, acc); break;         \
+        case 40: tile(j, 4, 0, Rv, Pv, whole, folded, codes, &pf, lines, xq, xs, f, acc); break;         \
+        case 42: tile(j, 4, 2, Rv, Pv, whole, folded, codes, &pf, lines, xq, xs, f, acc); break;         \
+        case 20: tile(j, 2, 0, Rv, Pv, whole, folded, codes, &pf, lines, xq, xs, f, acc); break;         \
+        case 21: tile(j, 2, 1, Rv, Pv, whole, folded, codes, &pf, lines, xq, xs, f, acc); break;         \
+        default: tile(j, 1, 0, Rv, Pv, whole, folded, codes, &pf, lines, xq, xs, f, acc); break;         \
     }
 #define TILE_F(Rv, Pv, folded) if (whole) { TILE_WW(Rv, Pv, 1, folded) } else { TILE_WW(Rv, Pv, 0, folded) }
 #define TILE_W(Rv, Pv) TILE_F(Rv, Pv, 0)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Code rows are prefetched PREFETCH_BYTES ahead, rounded up to whole rows.
+// Code rows are prefetched PREFETCH_BYTES ahead, rounded up to whole rows (the AMX path's row by row).
 static inline int64_t prefetch_ahead(int64_t row_bytes) { return (PREFETCH_BYTES + row_bytes - 1) / row_bytes * row_bytes; }
+
+// The 64-byte steps of tile() over one row of bit-width b: its first plane's blocks, and the second's unless merged.
+static inline int64_t row_steps(const job_t *j, int b) {
+    int64_t steps = 0;
+    for (int i = 0; i < 2 && j->planes[(b * 2 + i) * 2 + 1]; i++) {
+        if (i == 1 && j->merge) break;
+        steps += (j->K * j->planes[(b * 2 + i) * 2 + 1] / 8 + 63) / 64;
+    }
+    return steps;
+}
+
+// Lines to prefetch per step of tile() so that a tile of R rows prefetches its R rows' bytes, PREFETCH_BYTES
+// ahead, in address order.
+static inline int prefetch_lines(const job_t *j, int b, int R) {
+    const int64_t steps = row_steps(j, b);
+    return (int)((R * (j->K * b / 8) + 64 * steps - 1) / (64 * steps));
+}
 
 // The first min(left, 16) of 16 lanes.
 static inline __mmask16 first16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
@@ -293,14 +313,14 @@ static inline void store_rows(const job_t *j, const int R, const int P, const in
 static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, const int64_t *pairs,
                         int64_t np, int64_t n0, int64_t n1, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
-    const int64_t ahead = prefetch_ahead(row_bytes);
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
         block_factors(j, e, b, nb, ne, buf);
         for (int64_t p0 = 0; p0 < np; p0 += MAX_P) {
             const int P = (int)min64(MAX_P, np - p0), RMAX = P <= 2 ? 4 : 2;
             for (int64_t n = nb; n < ne;) {
-                const int R = n + RMAX <= ne ? RMAX : 1;
+                const int R = n + RMAX <= ne ? RMAX : 1, lines = prefetch_lines(j, b, R);
+                const char *pf = (const char *)(codes_e + n * row_bytes) + PREFETCH_BYTES;
                 __m512 acc[4][MAX_P];
                 const uint8_t *codes[4];
                 const float *f[4], *xs[MAX_P];
@@ -372,7 +392,7 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
                                                            const uint8_t *codes_e, int64_t pair, int64_t n0,
                                                            int64_t n1, const int64_t G16, float *restrict fb) {
     const int64_t K = j->K, G = j->G, row_bytes = K * b / 8;
-    const int64_t ahead = prefetch_ahead(row_bytes);
+    const int lines4 = prefetch_lines(j, b, 4), lines1 = prefetch_lines(j, b, 1);
     const float *xs[MAX_P] = {NULL};                    // folded into the factors
     const int64_t row = xrow(j, pair);
     const float *pxs = j->xs + row * (G + 16), *pxsum = j->xsum + row * G;
@@ -381,7 +401,8 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
     float pow2[2];
     const int planes = plane_pow2(j, b, pow2);
     for (int64_t n = n0; n < n1;) {
-        const int R = n + 4 <= n1 ? 4 : 1;
+        const int R = n + 4 <= n1 ? 4 : 1, lines = R == 4 ? lines4 : lines1;
+        const char *pf = (const char *)(codes_e + n * row_bytes) + PREFETCH_BYTES;
         const uint8_t *codes[4];
         const float *f[4];
         __m512 acc[4][MAX_P];
