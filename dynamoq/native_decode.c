@@ -313,13 +313,14 @@ static inline void store_rows(const job_t *j, const int R, const int P, const in
 static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e, const int64_t *pairs,
                         int64_t np, int64_t n0, int64_t n1, float *buf) {
     const int64_t G = j->G, G16 = (G + 15) / 16 * 16, K = j->K, row_bytes = K * b / 8;
+    const int lines_of[5] = {0, prefetch_lines(j, b, 1), prefetch_lines(j, b, 2), 0, prefetch_lines(j, b, 4)};   // [R]
     for (int64_t nb = n0; nb < n1; nb += ROW_BLOCK) {
         const int64_t ne = min64(nb + ROW_BLOCK, n1);
         block_factors(j, e, b, nb, ne, buf);
         for (int64_t p0 = 0; p0 < np; p0 += MAX_P) {
             const int P = (int)min64(MAX_P, np - p0), RMAX = P <= 2 ? 4 : 2;
             for (int64_t n = nb; n < ne;) {
-                const int R = n + RMAX <= ne ? RMAX : 1, lines = prefetch_lines(j, b, R);
+                const int R = n + RMAX <= ne ? RMAX : 1, lines = lines_of[R];
                 const char *pf = (const char *)(codes_e + n * row_bytes) + PREFETCH_BYTES;
                 __m512 acc[4][MAX_P];
                 const uint8_t *codes[4];
