@@ -36,11 +36,12 @@
 // tokens even to 7% faster. (Prefetching each expert's first rows, or each row's scales and zero points, as well
 // gained nothing measurable.)
 // What bounds a 1-token call now is the vector work more than memory (Zen 4, 1 thread, 8 Qwen3-shaped 2-bit
-// gate_up experts, this file driven from C: 0.35 ms with the codes in cache, 0.48 from memory; without the float
-// stage per block ~15-20% less in cache, without taking the parts out of the bytes ~20% less, GFNI or shift and
-// mask alike). A packed layout whose tile rows are interleaved per 64-byte block, so that a tile reads memory in
-// address order, was emulated (same loop, interleaved addresses): 2- and 4-bit 4-6% faster, mixed widths
-// unchanged (0.484 against 0.484 ms), so the layout stays as packing.py writes it.
+// gate_up experts, this file driven from C: 0.35 ms with the codes in cache, 0.48 from memory). In cache, without
+// the float stage per block 16% less, without taking the parts out of the bytes ~8% less (GFNI or shift and mask
+// alike), with every extraction and product replaced by one plain integer op 32% less: the count of 512-bit
+// instructions sets the time more than which ones they are. A packed layout whose tile rows are interleaved per
+// 64-byte block, so that a tile reads memory in address order, was emulated (same loop, interleaved addresses):
+// 2- and 4-bit 4-6% faster, mixed widths unchanged (0.484 against 0.484 ms); the layout stays as packing.py has it.
 #define PREFETCH_BYTES 8192
 #define ROW_BLOCK 32
 #define MAX_P 4
