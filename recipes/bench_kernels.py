@@ -5,7 +5,9 @@ process (interleaved, median of --runs calls, each call routing a different inpu
 evicted alike: _evict). Every variant is compiled with dynamoq.compile_options(), as a frame of its own
 (_common.own_frame). Variants: bf16 with transformers' grouped_mm and batched_mm; torchao int8 / int4
 weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits,
-~3 storage bits); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it,
+~3 storage bits), and the same with a switching cache of 1% of each expert's input channels, every expert
+switched to 8 bits (switching neither recompiles nor should slow the fused path: this row says what the
+corrections cost); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it,
 "(Inductor loops)", and where it has AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
 and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
@@ -26,9 +28,9 @@ many small kernels of a decode step at 2 threads ran 6.6x slower (24.1 -> 3.66 t
 
 Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are random (N(0, 0.02)):
 speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation (torchao rows: over bf16 timed beside them, after a dynamo reset);
-effective bits (stored bits per expert weight, scales and zeros included); bytes of expert weights
-read per token (distinct experts the routed tokens touch, averaged over the inputs); fraction of the
-memory-bound limit reached, speedup / (16 / effective bits); relative error of the compiled output
+effective bits (stored bits per expert weight, scales and zeros included; with a switching cache, its
+deltas too: what a decode reads); bytes of expert weights read per token (distinct experts the routed
+tokens touch, averaged over the inputs); fraction of the memory-bound limit reached, speedup / (16 / effective bits); relative error of the compiled output
 against the same layer run eagerly. On a GPU each timed sample is --reps calls between two
 synchronizations, and the notes give the number of Triton kernels Inductor generated per variant.
 """
@@ -39,6 +41,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import platform
 import random
@@ -54,7 +57,7 @@ from transformers import AutoConfig
 
 import dynamoq
 from _common import Decoder, own_frame
-from dynamoq import DynaMoExperts
+from dynamoq import DynaMoExperts, switching
 from dynamoq.kernels import native_kernel
 from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
 from dynamoq.tensors import _PackedWeight
@@ -124,13 +127,31 @@ def mixed_bits(num_experts: int, seed: int = 0) -> list[int]:
     return bits
 
 
-def dynamoq_layer(block, bits, group_size: int = 128):
+def dynamoq_layer(block, bits, group_size: int = 128, switched_to: int | None = None):
+    """Experts quantized to `bits`; with switched_to, each also keeps a switching cache of CACHE_FRACTION of
+    its input channels (random ones) and every expert is switched to that width (dynamoq.switching's
+    re-quantization of the cached columns), the state a switched model decodes in."""
     b = with_impl(block, "dynamoq")
+    transposed = bool(block.experts.is_transposed)
+    g = torch.Generator().manual_seed(0)
     for name in PROJ:
         w = block.experts._parameters[name].data
-        q = DynaMoExperts.from_float(w, bits, group_size, transposed=bool(block.experts.is_transposed))
+        cache_idx = None
+        if switched_to is not None:
+            e, k = w.shape[0], w.shape[-2 if transposed else -1]
+            r = max(1, math.ceil(CACHE_FRACTION * k))
+            cache_idx = torch.stack([torch.randperm(k, generator=g)[:r].sort().values for _ in range(e)])  # [E, r]
+        q = DynaMoExperts.from_float(w, bits, group_size, transposed=transposed, cache_idx=cache_idx)
+        if switched_to is not None:
+            q.cache_delta.copy_(torch.stack([switching._requantize(q, i, switched_to) for i in range(q.num_rows)]))
         b.experts._parameters[name] = torch.nn.Parameter(q, requires_grad=False)
     return huge_pages(b)
+
+
+def cache_bits(layer) -> float:
+    """Bits per expert weight the switching corrections read: the cached columns' deltas."""
+    ws = [layer.experts._parameters[n] for n in PROJ]
+    return 8 * sum(w.cache_delta.numel() * w.cache_delta.element_size() for w in ws) / sum(w.numel() for w in ws)
 
 
 def torchao_layer(block, config):
@@ -161,6 +182,10 @@ def variants(block, which):
             elif name == "torchao int4":
                 from torchao.quantization import Int4WeightOnlyConfig
                 out[name] = (torchao_layer(block, Int4WeightOnlyConfig(group_size=128)), [4 + 32 / 128] * num_experts)
+            elif name == SWITCHED:
+                layer = dynamoq_layer(block, mixed_bits(num_experts), switched_to=8)
+                extra = OVERHEAD_BITS_PER_GROUP / 128 + cache_bits(layer)
+                out[name] = (layer, [b + extra for b in mixed_bits(num_experts)])
             elif name.startswith("dynamoq"):
                 bits = mixed_bits(num_experts) if "mixed" in name else [int(name.split()[1][0])] * num_experts
                 out[name] = (dynamoq_layer(block, bits), [b + OVERHEAD_BITS_PER_GROUP / 128 for b in bits])
@@ -172,9 +197,11 @@ def variants(block, which):
 
 
 def storage_bits(layer) -> float:
+    """Bits per expert weight a decode reads: codes, scales, zeros, and a switching cache's deltas."""
     ws = [layer.experts._parameters[n] for n in PROJ]
     if isinstance(ws[0], DynaMoExperts):
-        return 8 * sum(w.storage_bytes() for w in ws) / sum(w.numel() for w in ws)
+        cache = cache_bits(layer) if ws[0].cache_idx is not None else 0.0
+        return 8 * sum(w.storage_bytes() for w in ws) / sum(w.numel() for w in ws) + cache
     return None
 
 
@@ -197,6 +224,8 @@ def bytes_per_token(block, xs, expert_bits) -> float:
 
 
 INDUCTOR = "(Inductor loops)"                  # a variant name ending so: decode without the native kernel
+CACHE_FRACTION = 0.01                          # the switching cache of DynaMoConfig's default cache_fraction
+SWITCHED = "dynamoq mixed 2/4/6/8, switched (1% cache)"
 
 
 NO_AMX = "(no AMX)"                            # ... the native kernel without its AMX path (prefill)
@@ -293,7 +322,7 @@ def triton_kernels(f, x) -> int:
 def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     block = moe_layer(shape)
     names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
-             "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8"]
+             "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8", SWITCHED]
     if DEVICE.type == "cpu" and dynamoq.native.available():      # the native decode kernel's A/B
         names.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         if dynamoq.native.amx():                                 # and its AMX path's

@@ -303,6 +303,32 @@ def test_benchmark_variants_compile_frames_of_their_own():
     assert freed() is None
 
 
+def test_benchmark_switched_variant_decodes_in_a_switched_state():
+    """recipes/bench_kernels.py's switched row: every expert keeps ceil(1%) of its input channels, switched to 8
+    bits (nonzero corrections, so the layer differs from the unswitched one), the effective bits count the
+    deltas a decode reads, and the compiled native path matches the layer run eagerly."""
+    bench_kernels = _bench()
+    block = bench_kernels.moe_layer("tiny")
+    bits = bench_kernels.mixed_bits(block.experts.gate_up_proj.shape[0])
+    plain = bench_kernels.dynamoq_layer(block, bits)
+    switched = bench_kernels.dynamoq_layer(block, bits, switched_to=8)
+    for name in bench_kernels.PROJ:
+        w = switched.experts._parameters[name]
+        k = w.shape[-2] if block.experts.is_transposed else w.shape[-1]
+        assert w.cache_idx.shape == (len(bits), math.ceil(0.01 * k))
+        assert w.cache_delta.abs().amax() > 0
+    assert bench_kernels.storage_bits(switched) == pytest.approx(
+        bench_kernels.storage_bits(plain) + bench_kernels.cache_bits(switched))
+    assert bench_kernels.cache_bits(switched) > 0
+    x = bench_kernels.inputs(block, 4, 1)[0]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, base = switched(x).float(), plain(x).float()
+        compiled = bench_kernels.compile_layer(switched, fullgraph=True)(x).float()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(compiled, eager) < 0.2 * rel(base, eager)    # the corrections are in the compiled path
+
+
 def test_benchmark_merge_replaces_only_the_sizes_measured_again():
     """recipes/bench_kernels.py --merge: a re-run of some sizes replaces those rows and keeps the others."""
     bench_kernels = _bench()
