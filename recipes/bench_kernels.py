@@ -30,9 +30,10 @@ Writes recipes/results/kernels_cpu.{json,md} (--name to change). Weights are ran
 speed does not depend on their values. Columns: tokens/s; speedup over the faster bf16 implementation (torchao rows: over bf16 timed beside them, after a dynamo reset);
 effective bits (stored bits per expert weight, scales and zeros included; with a switching cache, its
 deltas too: what a decode reads); bytes of expert weights read per token (distinct experts the routed
-tokens touch, averaged over the inputs); fraction of the memory-bound limit reached, speedup / (16 / effective bits); relative error of the compiled output
-against the same layer run eagerly. On a GPU each timed sample is --reps calls between two
-synchronizations, and the notes give the number of Triton kernels Inductor generated per variant.
+tokens touch, averaged over the inputs); fraction of the memory-bound limit reached, speedup / (16 /
+effective bits); relative error of the compiled output against the same layer run eagerly. On a GPU each
+timed sample is --reps calls between two synchronizations, and the notes give the number of Triton kernels
+Inductor generated per variant.
 """
 from __future__ import annotations
 
