@@ -183,13 +183,11 @@ def variants(block, which):
             elif name == "torchao int4":
                 from torchao.quantization import Int4WeightOnlyConfig
                 out[name] = (torchao_layer(block, Int4WeightOnlyConfig(group_size=128)), [4 + 32 / 128] * num_experts)
-            elif name == SWITCHED:
-                layer = dynamoq_layer(block, mixed_bits(num_experts), switched_to=8)
-                extra = OVERHEAD_BITS_PER_GROUP / 128 + cache_bits(layer)
-                out[name] = (layer, [b + extra for b in mixed_bits(num_experts)])
             elif name.startswith("dynamoq"):
                 bits = mixed_bits(num_experts) if "mixed" in name else [int(name.split()[1][0])] * num_experts
-                out[name] = (dynamoq_layer(block, bits), [b + OVERHEAD_BITS_PER_GROUP / 128 for b in bits])
+                layer = dynamoq_layer(block, bits, switched_to=8 if name == SWITCHED else None)
+                extra = OVERHEAD_BITS_PER_GROUP / 128 + (cache_bits(layer) if name == SWITCHED else 0.0)
+                out[name] = (layer, [b + extra for b in bits])
             else:
                 raise ValueError(name)
         except Exception as e:       # a variant that does not run here is reported, not fatal
