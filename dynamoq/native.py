@@ -159,15 +159,26 @@ def amx() -> bool:
 
 
 @contextlib.contextmanager
-def amx_min_pairs(n: int):
-    """Experts with at least n pairs take the AMX path (where amx()) for the duration: 1 every expert with a
-    pair, a huge n none. For tests and benchmarks; torch.compile does not see it."""
-    v = ctypes.c_int.in_dll(_lib(), "dynamoq_amx_min_pairs")
-    before, v.value = v.value, min(n, 2 ** 31 - 1)
+def _knob(name: str, value: int):
+    """The C global `name` set to value for the duration (torch.compile does not see it)."""
+    v = ctypes.c_int.in_dll(_lib(), name)
+    before, v.value = v.value, value
     try:
         yield
     finally:
         v.value = before
+
+
+def amx_min_pairs(n: int):
+    """Experts with at least n pairs take the AMX path (where amx()) for the duration: 1 every expert with a
+    pair, a huge n none. For tests and benchmarks."""
+    return _knob("dynamoq_amx_min_pairs", min(n, 2 ** 31 - 1))
+
+
+def cache_after(on: bool):
+    """For the duration, the packed path adds a switching cache's correction to its stored outputs, as the AMX
+    path does, rather than in its accumulators (native_decode.c's cache_after; the AVX2 build ignores it). For tests."""
+    return _knob("dynamoq_cache_after", int(on))
 
 
 @torch.compiler.assume_constant_result      # torch.compile calls it and keeps the answer as a constant
@@ -231,24 +242,25 @@ def huge_pages_seen(t: torch.Tensor) -> bool:
 # a Python kernel (torch.library.custom_op, or a plain Library impl calling ctypes) cost 10-45 us a call.
 _LIB = torch.library.Library("dynamoq", "FRAGMENT")
 _LIB.define("native_decode(Tensor x, Tensor ids, Tensor[] codes, int[] expert_bits, Tensor scale, Tensor zero, "
-            "int group_size) -> Tensor")
+            "int group_size, Tensor? cache_idx=None, Tensor? cache_delta=None) -> Tensor")
 native_decode = torch.ops.dynamoq.native_decode.default
 """x [X, K], ids [S] (each pair's expert; S = X, or S = k X: pair s reads row s / k, as a token's k routed experts
 share its x, quantized once), codes: q{b} [E_b, N, K * b / 8] of each width present (ascending), expert_bits [E],
-scale / zero [E, N, G] -> y [S, N] fp32 = sum_k scale * (q - zero) * x, x in int8 per group."""
+scale / zero [E, N, G] -> y [S, N] fp32 = sum_k scale * (q - zero) * x, x in int8 per group; with a switching
+cache (cache_idx [E, r] channels, cache_delta [E, N, r]) plus sum_i cache_delta[e, n, i] * x[cache_idx[e, i]]."""
 
 
-def _load_and_call(x, ids, codes, expert_bits, scale, zero, group_size):
+def _load_and_call(x, ids, codes, expert_bits, scale, zero, group_size, cache_idx=None, cache_delta=None):
     """The operator's kernel until the library is loaded (a first call with nothing asking available() before):
     load it, which registers the CPU kernel, and call again."""
     if x.device.type != "cpu" or not _probe():
         raise RuntimeError("dynamoq::native_decode runs on CPU, where dynamoq.native.available()")
-    return native_decode(x, ids, codes, expert_bits, scale, zero, group_size)
+    return native_decode(x, ids, codes, expert_bits, scale, zero, group_size, cache_idx, cache_delta)
 
 
 _LIB.impl("native_decode", _load_and_call, "CompositeExplicitAutograd")    # CPU's own kernel comes first
 
 
 @torch.library.register_fake("dynamoq::native_decode")
-def _(x, ids, codes, expert_bits, scale, zero, group_size):
+def _(x, ids, codes, expert_bits, scale, zero, group_size, cache_idx=None, cache_delta=None):
     return x.new_empty(ids.shape[0], scale.shape[1], dtype=torch.float32)

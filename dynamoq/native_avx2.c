@@ -26,6 +26,7 @@
 #define AI __attribute__((always_inline))
 
 int dynamoq_amx_min_pairs = 4;   // the AVX-512 build's knobs, here without an AMX path
+int dynamoq_cache_after = 0;
 int dynamoq_amx_ready(void) { return 0; }
 int dynamoq_amx_init(void) { return 0; }
 
@@ -38,6 +39,11 @@ typedef struct {
     const uint16_t *scale;         // [E, N, G] float16
     const uint8_t *zero;           // [E, N, G]
     float *y;                      // [S, N]
+    // the switching cache, as in native_decode.c (none: cache_delta NULL); xg [S, rpad], rpad = r rounded up to 8
+    const void *cache_delta;
+    int64_t r, rpad;
+    int delta_type;
+    const float *xg;
 } job_t;
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -53,6 +59,29 @@ static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The switching cache (see native_decode.c): columns [8 c, 8 c + 8) of row n of expert e's cache_delta as float,
+// zero past r.
+static inline __m256 delta8(const job_t *j, int64_t e, int64_t n, int64_t c) {
+    const int64_t at = (e * j->N + n) * j->r + 8 * c, left = j->r - 8 * c;
+    if (j->delta_type == 2) return _mm256_maskload_ps((const float *)j->cache_delta + at, first8(left));
+    uint16_t h[8] = {0};
+    memcpy(h, (const uint16_t *)j->cache_delta + at, sizeof(uint16_t) * (size_t)(left < 8 ? left : 8));
+    const __m128i v = _mm_loadu_si128((const __m128i *)h);
+    return j->delta_type == 0 ? _mm256_cvtph_ps(v) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// acc[r][p] += the cache's correction of row n + r for pair pairs[p], in 8 lanes.
+static inline void cache_lanes(const job_t *j, int64_t e, int64_t n, int R, int P, const int64_t *pairs,
+                               __m256 acc[4][MAX_P]) {
+    if (!j->cache_delta) return;
+    for (int64_t c = 0; c < j->rpad / 8; c++)
+        for (int r = 0; r < R; r++) {
+            const __m256 d = delta8(j, e, n + r, c);
+            for (int p = 0; p < P; p++)
+                acc[r][p] = _mm256_fmadd_ps(d, _mm256_loadu_ps(j->xg + pairs[p] * j->rpad + 8 * c), acc[r][p]);
+        }
 }
 
 // One plane of width W for a tile of R rows (code bytes codes[r], factors f[r][g]: scale * 2**offset, times the
@@ -196,6 +225,7 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                         acc[r][p] = zt;
                     }
                 }
+                cache_lanes(j, e, n, R, P, pairs + p0, acc);
                 for (int i = 0; i < 2; i++) {
                     const int w = j->planes[(b * 2 + i) * 2 + 1];
                     if (!w) break;
@@ -288,10 +318,17 @@ static inline int64_t expert_of(const int64_t *ids, int64_t s, int64_t E) {
 int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
                    const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                    const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group, int lanes,
-                   const uint16_t *scale, const uint8_t *zero, float *y, int threads) {
+                   const uint16_t *scale, const uint8_t *zero, float *y, int threads,
+                   const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type) {
     (void)lane_group;
     const int64_t G = K / gs, Gp = padded(G);
     job_t j = {N, K, G, gs, X ? S / X : 1, planes, {0}, {0}, NULL, NULL, scale, zero, y};
+    if (cache_delta && r > 0) {
+        j.cache_delta = cache_delta;
+        j.r = r;
+        j.rpad = (r + 7) / 8 * 8;
+        j.delta_type = delta_type;
+    }
     // pairs by expert (counting sort: start [E + 1], fill [E], order [S])
     int64_t *start = (int64_t *)kept(&kept_sort, sizeof(int64_t) * (size_t)(2 * E + 1 + S));
     if (!start) return -1;
@@ -307,8 +344,8 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
         const int64_t e = expert_of(ids, s, E);
         order[start[e] + fill[e]++] = s;
     }
-    // scratch: xs, xsum (padded), x8, xq per plane width (+ 32 bytes: whole-block loads), lane tables
-    size_t bytes = sizeof(float) * (size_t)X * 2 * Gp + (size_t)X * K + 64;
+    // scratch: xs, xsum (padded), x8, xq per plane width (+ 32 bytes: whole-block loads), lane tables, the cache's xg
+    size_t bytes = sizeof(float) * (size_t)X * 2 * Gp + (size_t)X * K + 64 + sizeof(float) * (size_t)(S * j.rpad);
     for (int w = 1; w <= 8; w *= 2) if (used[w]) bytes += (size_t)X * K + 64 + sizeof(int32_t) * (size_t)(K * w / 32 + 8);
     char *p = (char *)kept(&kept_main, bytes);
     if (!p) return -1;
@@ -328,6 +365,17 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
         p += sizeof(int32_t) * (K * w / 32 + 8);
     }
     quantize_x(&j, X, x, x_bf16, lanes, x8, xs, xsum, xq);
+    if (j.cache_delta) {                                // each pair's x8 * xs at its expert's cached channels
+        float *xg = (float *)p;
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t e = expert_of(ids, s, E), row = xrow(&j, s);
+            for (int64_t i = 0; i < j.rpad; i++) {
+                const int64_t k = i < r ? cache_idx[e * r + i] : -1;
+                xg[s * j.rpad + i] = k < 0 ? 0.0f : (float)x8[row * K + k] * xs[row * Gp + k / gs];
+            }
+        }
+        j.xg = xg;
+    }
     j.xs = xs;
     j.xsum = xsum;
     for (int w = 0; w < 9; w++) j.xq[w] = xq[w];

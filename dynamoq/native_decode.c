@@ -68,6 +68,13 @@ typedef struct {
     int32_t pair_idx[16];
     __mmask32 odd;                  // the 16-bit lanes of odd chunks
     int merge;
+    // the switching cache (none: cache_delta NULL): r input channels per expert whose columns are corrected by
+    // cache_delta [E, N, r] (delta_type: 0 float16, 1 bfloat16, 2 float32); xg [S, rpad]: each pair's x as
+    // rounded here, at its expert's cached channels (zero past r); see cache_lanes
+    const void *cache_delta;
+    int64_t r, rpad;
+    int delta_type;
+    const float *xg;
 } job_t;
 
 // The row of x (and of its int8 form, scales, sums) that pair s reads.
@@ -241,6 +248,50 @@ static inline int prefetch_lines(const job_t *j, int b, int R) {
 // The first min(left, 16) of 16 lanes.
 static inline __mmask16 first16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
+// ---- the switching cache -------------------------------------------------------------------------------
+// A switched expert's output gains, per row n, sum_i cache_delta[e, n, i] * x[cache_idx[e, i]], x as rounded here
+// (x8 * xs, the same as in the product, so a delta that undoes a column's codes undoes them exactly). Each row's
+// r deltas meet the pair's gathered x (xg) in the 16 lanes of the tile's accumulator, before its lanes are
+// summed: r / 16 products per row and pair, about r / K of the row's work (1% of the channels cached: ~1%).
+// Done instead by Inductor's loops after the kernel, a 1% cache made a 16- to 128-token layer 10-21% slower.
+
+// Columns [16 c, 16 c + 16) of row n of expert e's cache_delta as float; zero past r.
+static inline __m512 delta16(const job_t *j, int64_t e, int64_t n, int64_t c) {
+    const int64_t at = (e * j->N + n) * j->r + 16 * c;
+    const __mmask16 m = first16(j->r - 16 * c);
+    if (j->delta_type == 2) return _mm512_maskz_loadu_ps(m, (const float *)j->cache_delta + at);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)j->cache_delta + at);
+    return j->delta_type == 0 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Set by tests (native.cache_after): the packed path corrects through cache_after as the AMX path does.
+int dynamoq_cache_after = 0;
+
+// acc[r][p] += the cache's correction of row n + r for pair pairs[p], in 16 lanes.
+static inline __attribute__((always_inline)) void cache_lanes(const job_t *j, int64_t e, int64_t n, const int R,
+                                                              const int P, const int64_t *pairs, __m512 acc[4][MAX_P]) {
+    if (!j->cache_delta || dynamoq_cache_after) return;
+    for (int64_t c = 0; c < j->rpad / 16; c++)
+        for (int r = 0; r < R; r++) {
+            const __m512 d = delta16(j, e, n + r, c);
+            for (int p = 0; p < P; p++)
+                acc[r][p] = _mm512_fmadd_ps(d, _mm512_loadu_ps(j->xg + pairs[p] * j->rpad + 16 * c), acc[r][p]);
+        }
+}
+
+// y[s, n] += the cache's correction, for rows [n0, n1) of expert e and its pairs [np], after they are stored (the
+// AMX path, whose accumulators hold 16 pairs of a row; the packed path too under dynamoq_cache_after).
+static void cache_after(const job_t *j, int64_t e, const int64_t *pairs, int64_t np, int64_t n0, int64_t n1) {
+    if (!j->cache_delta) return;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t p = 0; p < np; p++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t c = 0; c < j->rpad / 16; c++)
+                a = _mm512_fmadd_ps(delta16(j, e, n, c), _mm512_loadu_ps(j->xg + pairs[p] * j->rpad + 16 * c), a);
+            j->y[pairs[p] * j->N + n] += _mm512_reduce_add_ps(a);
+        }
+}
+
 // Groups [g, g + 16) of row n of expert e (lanes m): their scales and zero points as float.
 static inline void group_scales(const job_t *j, int64_t e, int64_t n, int64_t g, __mmask16 m, __m512 *s16, __m512 *z16) {
     const int64_t at = (e * j->N + n) * j->G + g;
@@ -338,6 +389,7 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     for (int p = 0; p < P; p++)
                         acc[r][p] = zero_lanes(j, buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16), pairs[p0 + p]);
                 }
+                cache_lanes(j, e, n, R, P, pairs + p0, acc);
                 for (int p = 0; p < P; p++) xs[p] = j->xs + xrow(j, pairs[p0 + p]) * (G + 16);
                 for (int i = 0; i < 2; i++) {
                     const int w = j->planes[(b * 2 + i) * 2 + 1];
@@ -415,6 +467,7 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
         const float *f[4];
         __m512 acc[4][MAX_P];
         one_factors(j, e, n, R, G16, pxs, pxsum, m0, xs0, xsum0, planes, pow2, fb, acc);
+        cache_lanes(j, e, n, R, 1, &pair, acc);
         for (int r = 0; r < R; r++) codes[r] = codes_e + (n + r) * row_bytes;
         for (int i = 0; i < 2; i++) {
             const int w = j->planes[(b * 2 + i) * 2 + 1];
@@ -697,16 +750,37 @@ static inline int64_t expert_of(const int64_t *ids, int64_t s, int64_t E) {
     return ids[s] < 0 ? 0 : ids[s] >= E ? E - 1 : ids[s];
 }
 
+// xg [S, rpad] (see job_t) from x8 and xs, for the S pairs (ids) and each expert's r cached channels.
+static void gather_cached_x(const job_t *j, const int64_t *ids, int64_t E, const int64_t *cache_idx, const int8_t *x8,
+                            float *xg) {
+    for (int64_t s = 0; s < j->S; s++) {
+        const int64_t e = expert_of(ids, s, E), row = xrow(j, s);
+        float *out = xg + s * j->rpad;
+        for (int64_t i = 0; i < j->rpad; i++) {
+            const int64_t k = i < j->r ? cache_idx[e * j->r + i] : -1;
+            out[i] = k < 0 ? 0.0f : (float)x8[row * j->K + k] * j->xs[row * (j->G + 16) + k / j->gs];
+        }
+    }
+}
+
 // y [S, N] = the pairs' experts times x [X, K], pair s reading row s / (S / X) (X = S: a row per pair; S = k X:
 // the k pairs of a token in a row, its x quantized once). expert_meta [E][2]: (bit-width, position among the experts of that
 // width); width_base[b], width_stride[b]: address of q{b} and bytes per expert in it; lane_group[w]: see job_t.
-// Returns 0; -1 when its scratch memory could not be had (y is then undefined).
+// With a switching cache (cache_delta not NULL): cache_idx [E, r] its channels (in [0, K)), cache_delta [E, N, r]
+// of delta_type (see job_t). Returns 0; -1 when its scratch memory could not be had (y is then undefined).
 int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
                    const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                    const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group, int lanes,
-                   const uint16_t *scale, const uint8_t *zero, float *y, int threads) {
+                   const uint16_t *scale, const uint8_t *zero, float *y, int threads,
+                   const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type) {
     const int64_t G = K / gs, G16 = (G + 15) / 16 * 16;
     job_t j = {S, N, K, G, gs, X ? S / X : 1, planes, {0}, {0}, NULL, NULL, scale, zero, y};
+    if (cache_delta && r > 0) {
+        j.cache_delta = cache_delta;
+        j.r = r;
+        j.rpad = (r + 15) / 16 * 16;
+        j.delta_type = delta_type;
+    }
     // pairs by expert (counting sort: start [E + 1], fill [E], order [S]); the AMX path for experts with
     // enough pairs, where it runs; xq only for the plane widths of the experts on the packed path
     int64_t *start = (int64_t *)kept(&kept_sort, sizeof(int64_t) * (size_t)(2 * E + 1 + S));
@@ -728,8 +802,9 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
         const int64_t e = expert_of(ids, s, E);
         order[start[e] + fill[e]++] = s;
     }
-    // scratch: xs (padded), xsum, x8, xq per plane width, the AMX path's tables
-    size_t bytes = sizeof(float) * (size_t)X * (2 * G + 16) + (size_t)X * K + 64 + sizeof(int32_t) * AMX_TABLES;
+    // scratch: xs (padded), xsum, x8, xq per plane width, the AMX path's tables, the cache's xg
+    size_t bytes = sizeof(float) * (size_t)X * (2 * G + 16) + (size_t)X * K + 64 + sizeof(int32_t) * AMX_TABLES
+                   + sizeof(float) * (size_t)(S * j.rpad);
     for (int w = 1; w <= 8; w *= 2) if (packed[w]) bytes += (size_t)X * K + 64;
     char *p = (char *)kept(&kept_main, bytes);
     if (!p) return -1;
@@ -740,6 +815,8 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
     int8_t *xq[9] = {0};
     for (int w = 1; w <= 8; w *= 2) if (packed[w]) { xq[w] = (int8_t *)p; p += X * K; }
     if (amx) amx_tables(&j, lanes, (int32_t *)p);
+    p += sizeof(int32_t) * AMX_TABLES;
+    float *xg = (float *)p;
     j.xs = xs;
     j.xsum = xsum;
     j.x8 = x8;
@@ -750,6 +827,10 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
     }
     for (int i = 0; j.merge && i < 32; i++) j.odd |= (__mmask32)((2 * i / lanes) % 2) << i;
     quantize_x(&j, x, x_bf16, lanes, x8, xs, xsum, xq);
+    if (j.cache_delta) {
+        gather_cached_x(&j, ids, E, cache_idx, x8, xg);
+        j.xg = xg;
+    }
     for (int w = 0; w < 9; w++) {
         j.xq[w] = xq[w];
         j.lane_group[w] = (const int32_t *)(intptr_t)lane_group[w];
@@ -785,11 +866,13 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
                     float *xf = (float *)(xb + tiles * AMX_PAIRS * K / 4);
                     amx_rows(&j, e, b, codes_e, order + start[e], np, n0, n1, buf, ub, xb, xf,
                              (int32_t *)(xf + tiles * 2 * G * AMX_PAIRS));
+                    cache_after(&j, e, order + start[e], np, n0, n1);
                     continue;
                 }
 #endif
                 if (np == 1) expert_rows_one(&j, e, b, codes_e, order[start[e]], n0, n1);
                 else expert_rows(&j, e, b, codes_e, order + start[e], np, n0, n1, buf);
+                if (dynamoq_cache_after) cache_after(&j, e, order + start[e], np, n0, n1);
             }
 #ifdef DYNAMOQ_AMX
             if (amx) amx_end();

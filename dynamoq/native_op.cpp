@@ -26,7 +26,8 @@
 extern "C" int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64_t E, const void *x, int x_bf16,
                               const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                               const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group,
-                              int lanes, const uint16_t *scale, const uint8_t *zero, float *y, int threads);
+                              int lanes, const uint16_t *scale, const uint8_t *zero, float *y, int threads,
+                              const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type);
 
 namespace {
 
@@ -78,9 +79,10 @@ namespace {
 
 at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::TensorList codes,
                          at::IntArrayRef expert_bits, const at::Tensor &scale_in, const at::Tensor &zero_in,
-                         int64_t group_size) {
+                         int64_t group_size, const std::optional<at::Tensor> &cache_idx_in,
+                         const std::optional<at::Tensor> &cache_delta_in) {
     // x [X, K], ids [S] (S = X, or S = k X: pair s reads row s / k), codes: q{b} [E_b, N, K * b / 8] of each
-    // width present (ascending), scale / zero [E, N, G]
+    // width present (ascending), scale / zero [E, N, G]; a switching cache: cache_idx [E, r], cache_delta [E, N, r]
     TORCH_CHECK_VALUE(x_in.dim() == 2 && scale_in.dim() == 3, "native_decode: x must be [X, K], scale [E, N, G]");
     const int64_t X = x_in.size(0), S = ids_in.numel(), E = scale_in.size(0), N = scale_in.size(1),
                   K = scale_in.size(2) * group_size;
@@ -117,6 +119,24 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
         }
     }
     TORCH_CHECK_VALUE(c == codes.size(), "native_decode: ", codes.size(), " code tensors for ", c, " bit-widths");
+    at::Tensor cache_idx, cache_delta;
+    int delta_type = 0;
+    TORCH_CHECK_VALUE(cache_idx_in.has_value() == cache_delta_in.has_value(),
+                      "native_decode: a switching cache needs both cache_idx and cache_delta");
+    if (cache_idx_in.has_value()) {
+        cache_idx = cache_idx_in->to(at::kLong).contiguous();
+        const at::ScalarType dt = cache_delta_in->scalar_type();
+        cache_delta = (dt == at::kHalf || dt == at::kBFloat16 ? *cache_delta_in : cache_delta_in->to(at::kFloat)).contiguous();
+        delta_type = dt == at::kHalf ? 0 : dt == at::kBFloat16 ? 1 : 2;
+        const int64_t r = cache_idx.dim() == 2 ? cache_idx.size(1) : -1;
+        TORCH_CHECK_VALUE(cache_idx.dim() == 2 && cache_idx.size(0) == E && cache_delta.dim() == 3 &&
+                          cache_delta.size(0) == E && cache_delta.size(1) == N && cache_delta.size(2) == r,
+                          "native_decode: cache_idx must be [E, r] = [", E, ", r] and cache_delta [E, N, r] = [", E, ", ",
+                          N, ", r]; got ", cache_idx.sizes(), " and ", cache_delta.sizes());
+        const int64_t *ci = cache_idx.data_ptr<int64_t>();
+        for (int64_t i = 0; i < cache_idx.numel(); i++)
+            TORCH_CHECK_VALUE(ci[i] >= 0 && ci[i] < K, "native_decode: cached channel ", ci[i], " outside [0, ", K, ")");
+    }
     keep.push_back(scale);
     keep.push_back(zero);
     for (const at::Tensor &t : keep) dynamoq_huge_pages(t.data_ptr(), t.numel() * t.element_size());
@@ -124,7 +144,10 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
     const int rc = dynamoq_decode(S, X, N, K, group_size, E, x.data_ptr(), x.scalar_type() == at::kBFloat16,
                                   ids.data_ptr<int64_t>(), meta.data(), base, stride, &planes[0][0][0], tables,
                                   lanes_of[group_size], (const uint16_t *)scale.data_ptr(),
-                                  zero.data_ptr<uint8_t>(), y.data_ptr<float>(), at::get_num_threads());
+                                  zero.data_ptr<uint8_t>(), y.data_ptr<float>(), at::get_num_threads(),
+                                  cache_idx.defined() ? cache_idx.data_ptr<int64_t>() : nullptr,
+                                  cache_delta.defined() ? cache_delta.data_ptr() : nullptr,
+                                  cache_idx.defined() ? cache_idx.size(1) : 0, delta_type);
     TORCH_CHECK(rc == 0, "dynamoq native decode: could not allocate its scratch memory");
     return y;
 }
@@ -134,13 +157,14 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
 // boxed fallback and back, a call from a compiled graph cost ~15 us more from cold caches.
 at::Tensor native_decode_autograd(const at::Tensor &x, const at::Tensor &ids, at::TensorList codes,
                                   at::IntArrayRef expert_bits, const at::Tensor &scale, const at::Tensor &zero,
-                                  int64_t group_size) {
+                                  int64_t group_size, const std::optional<at::Tensor> &cache_idx,
+                                  const std::optional<at::Tensor> &cache_delta) {
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dynamoq::native_decode", "")
                                .typed<decltype(native_decode)>();
     at::Tensor y;
     {
         at::AutoDispatchBelowADInplaceOrView below;     // on to the CPU kernel, or to fake tensors' (tracing)
-        y = op.call(x, ids, codes, expert_bits, scale, zero, group_size);
+        y = op.call(x, ids, codes, expert_bits, scale, zero, group_size, cache_idx, cache_delta);
     }
     if (at::GradMode::is_enabled() && x.requires_grad())
         torch::autograd::set_history(y, c10::make_intrusive<torch::autograd::NotImplemented>(

@@ -15,10 +15,21 @@ pytestmark = [pytest.mark.native,
               pytest.mark.skipif(not native.available(), reason="the native kernel needs AVX2 (or AVX-512 VNNI) and a C compiler")]
 
 
-def _run(t, x, ids):
+def _run(t, x, ids, cache=False):
     widths = sorted(set(t.expert_bits))
     return native.native_decode(x, ids, [getattr(t, f"q{b}") for b in widths], list(t.expert_bits),
-                                t.scale, t.zero, t.group_size)
+                                t.scale, t.zero, t.group_size, *((t.cache_idx, t.cache_delta) if cache else ()))
+
+
+def _switched(bits, n, k, g, r, dtype=torch.float32):
+    """Experts with r cached channels each, every one switched (8 bits, or 2 for the 8-bit ones), as adapt_ does."""
+    from dynamoq.switching import _requantize
+    idx = torch.stack([torch.randperm(k)[:r].sort().values for _ in bits])
+    t = DynaMoExperts.from_float(torch.randn(len(bits), n, k, dtype=dtype), bits, g, cache_idx=idx)
+    for e, b in enumerate(bits):
+        t.cache_delta[e].copy_(_requantize(t, e, 8 if b < 8 else 2))
+    assert t.cache_delta.abs().amax() > 0
+    return t
 
 
 def _dense(t, x, ids):
@@ -49,6 +60,34 @@ def test_exact_against_the_dequantized_weights_times_the_int8_x(n, k, g, bits, p
     assert ((y - ref).norm() / ref.norm()).item() < 1e-6
     exact = _dense(t, x, ids)                         # against x itself: the int8 rounding of x
     assert 1e-4 < ((y - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("n,k,g,bits,r", [
+    (48, 576, 64, (2, 3, 4, 6, 8, 2), 5),      # one chunk of cached channels, short
+    (16, 2048, 128, (2, 4), 21),               # a 1% cache at OLMoE's width: a chunk and a tail
+    (8, 384, 192, (4, 3), 33),                 # more than two chunks
+])
+@pytest.mark.parametrize("pairs", [0, 11, 70])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", ["accumulators", "after", "amx"])
+def test_switching_cache_is_exact_in_the_kernel(n, k, g, bits, r, pairs, dtype, path):
+    """A switched expert's corrections, added in the tiles' accumulators (the packed path), to the stored outputs
+    (cache_after: the AMX path's way), or on the AMX path: exact against the dequantized weights (the corrections
+    included) times the int8 x, for 16-bit deltas and float32 ones (converted); without the cache it differs."""
+    if path == "amx" and not native.amx():
+        pytest.skip("this CPU or kernel has no AMX-INT8 (the packed path and cache_after are tested)")
+    torch.manual_seed(0)
+    t = _switched(bits, n, k, g, r, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    if dtype == torch.float32:
+        t.cache_delta = t.cache_delta.float()
+    assert t.cache_delta.dtype == dtype
+    ids = torch.randint(0, len(bits), (pairs,)) if pairs else torch.randperm(len(bits))
+    x = 3 * torch.randn(len(ids), k)
+    with native.amx_min_pairs(1 if path == "amx" else 2 ** 40), native.cache_after(path == "after"):
+        y = _run(t, x, ids, cache=True)
+    ref = _dense(t, native.rounded_x(x, g), ids)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+    assert ((_run(t, x, ids) - ref).norm() / ref.norm()).item() > 1e-3
 
 
 @pytest.mark.skipif(not native.amx(), reason="this CPU or kernel has no AMX-INT8")
@@ -140,6 +179,15 @@ def test_bad_calls_get_clear_errors():
                           _run(t, x, ids))                 # other dtypes of x and ids are converted
     with pytest.raises(ValueError, match="3 pairs for 2 rows of x"):
         native.native_decode(x, torch.tensor([0, 1, 2]), codes, list(t.expert_bits), t.scale, t.zero, 32)
+    idx, delta = torch.tensor([[1, 5]] * 3), torch.zeros(3, 16, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="needs both cache_idx and cache_delta"):
+        native.native_decode(x, ids, codes, list(t.expert_bits), t.scale, t.zero, 32, idx)
+    with pytest.raises(ValueError, match=r"cache_delta \[E, N, r\] = \[3, 16, r\]"):
+        native.native_decode(x, ids, codes, list(t.expert_bits), t.scale, t.zero, 32, idx, delta[:, :8])
+    with pytest.raises(ValueError, match=r"cached channel 64 outside \[0, 64\)"):
+        native.native_decode(x, ids, codes, list(t.expert_bits), t.scale, t.zero, 32, idx + 59, delta)
+    assert torch.equal(native.native_decode(x, ids, codes, list(t.expert_bits), t.scale, t.zero, 32, idx, delta),
+                       _run(t, x, ids))                    # a zero correction changes nothing
 
 
 def test_a_token_s_pairs_share_its_row_of_x():
@@ -207,16 +255,20 @@ def test_switched_off_or_without_a_compiler_it_is_unavailable_and_says_why(tmp_p
 
 
 _CASE = ("import torch; from safetensors.torch import save_file; from dynamoq import DynaMoExperts, native; "
-         "torch.manual_seed(0); t = DynaMoExperts.from_float(torch.randn(5, 24, 384), (2, 3, 4, 6, 8), 64); "
+         "from dynamoq.switching import _requantize; torch.manual_seed(0); "
+         "t = DynaMoExperts.from_float(torch.randn(5, 24, 384), (2, 3, 4, 6, 8), 64, "
+         "cache_idx=torch.stack([torch.randperm(384)[:11] for _ in range(5)])); "
+         "[t.cache_delta[e].copy_(_requantize(t, e, 8 if e < 4 else 2)) for e in range(5)]; "
          "x = torch.randn(13, 384); ids = torch.cat([torch.arange(5), torch.tensor([0, 0, 1, 1, 1, 3, 3, 3])]); "
          "y = native.native_decode(x, ids, [getattr(t, f'q{b}') for b in (2, 3, 4, 6, 8)], list(t.expert_bits), "
-         "t.scale, t.zero, 64); ref = torch.einsum('snk,sk->sn', t.dequantize_nk(torch.float32).double()[ids], "
+         "t.scale, t.zero, 64, t.cache_idx, t.cache_delta); "
+         "ref = torch.einsum('snk,sk->sn', t.dequantize_nk(torch.float32).double()[ids], "
          "native.rounded_x(x, 64).double()).float(); "
          "save_file({'y': y, 'ref': ref}, __import__('sys').argv[1]); print('ISA', native.isa())")
 
 
 def _case_in(tmp_path, env: dict) -> tuple[str, dict]:
-    """_CASE (decode, one pair per expert, and tiles of several pairs; every width) in a process with env ->
+    """_CASE (decode, one pair per expert, and tiles of several pairs; every width; a switched cache) in a process with env ->
     (the build it ran, {"y", "ref"})."""
     from safetensors.torch import load_file
     out = tmp_path / f"y{len(list(tmp_path.iterdir()))}.safetensors"
