@@ -254,8 +254,9 @@ static inline __mmask16 first16(int64_t left) { return left >= 16 ? (__mmask16)0
 // r deltas meet the pair's gathered x (xg) in the 16 lanes of the tile's accumulator, before its lanes are
 // summed: r / 16 (rounded up) FMAs per row and pair, with their loads and the deltas' conversion ~8 vector
 // instructions at r = 21 (1% of 2048 channels) against ~100 for the row's 2-bit codes. Measured (Zen 4, 1 thread,
-// OLMoE-shaped, every expert switched, 16 and 128 tokens, the operator alone): 10-14% over the same call without
-// a cache, 8% of it the FMAs and x loads, 5% the deltas' loads. Before, Inductor's loops added the corrections
+// OLMoE-shaped, every expert switched, 16 and 128 tokens, the operator alone): 9-11% over the same call without
+// a cache (10-14% before R and P were constants here; of that, 8% the FMAs and x loads, 5% the deltas' loads).
+// Before, Inductor's loops added the corrections
 // after the kernel: one compiled projection, the two ways alternated in one process, this one 10-20% faster
 // (1, 16 and 128 tokens; OLMoE and Qwen3 shapes).
 
@@ -393,7 +394,14 @@ static void expert_rows(const job_t *j, int64_t e, int b, const uint8_t *codes_e
                     for (int p = 0; p < P; p++)
                         acc[r][p] = zero_lanes(j, buf + (n + r - nb) * 4 * (G16 + 16) + (G16 + 16), pairs[p0 + p]);
                 }
-                cache_lanes(j, e, n, R, P, pairs + p0, acc);
+                if (R == 4 && P == 1) cache_lanes(j, e, n, 4, 1, pairs + p0, acc);     // R, P constants: unrolled
+                else if (R == 4) cache_lanes(j, e, n, 4, 2, pairs + p0, acc);
+                else if (R == 2 && P == 3) cache_lanes(j, e, n, 2, 3, pairs + p0, acc);
+                else if (R == 2) cache_lanes(j, e, n, 2, 4, pairs + p0, acc);
+                else if (P == 1) cache_lanes(j, e, n, 1, 1, pairs + p0, acc);
+                else if (P == 2) cache_lanes(j, e, n, 1, 2, pairs + p0, acc);
+                else if (P == 3) cache_lanes(j, e, n, 1, 3, pairs + p0, acc);
+                else cache_lanes(j, e, n, 1, 4, pairs + p0, acc);
                 for (int p = 0; p < P; p++) xs[p] = j->xs + xrow(j, pairs[p0 + p]) * (G + 16);
                 for (int i = 0; i < 2; i++) {
                     const int w = j->planes[(b * 2 + i) * 2 + 1];
@@ -471,7 +479,8 @@ static inline __attribute__((always_inline)) void rows_one(const job_t *j, int64
         const float *f[4];
         __m512 acc[4][MAX_P];
         one_factors(j, e, n, R, G16, pxs, pxsum, m0, xs0, xsum0, planes, pow2, fb, acc);
-        cache_lanes(j, e, n, R, 1, &pair, acc);
+        if (R == 4) cache_lanes(j, e, n, 4, 1, &pair, acc);
+        else cache_lanes(j, e, n, 1, 1, &pair, acc);
         for (int r = 0; r < R; r++) codes[r] = codes_e + (n + r) * row_bytes;
         for (int i = 0; i < 2; i++) {
             const int w = j->planes[(b * 2 + i) * 2 + 1];
