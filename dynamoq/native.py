@@ -13,7 +13,9 @@ meets up to 4 pairs of its expert, so one kernel serves decode and prefill (many
 uses it for every number of pairs. An expert with a single pair (every expert at decode of one token) has a
 loop of its own: the pair's x scales folded into the row factors, and where a group spans whole 64-byte
 blocks, one broadcast factor per group. A 3- or 6-bit code's second plane is merged into each part of the
-first before the product (one vpdpbusd per 64 codes, not two).
+first before the product (one vpdpbusd per 64 codes, not two). A switching cache's corrections (cache_delta times
+x, as rounded here, at each expert's cached channels) are added in the tiles' accumulators (native_decode.c's
+"switching cache"): the layer needs no product of its own for them.
 
 Prefill, on CPUs with AMX-INT8 (amx()): an expert with at least 4 pairs (amx_min_pairs) has its rows
 unpacked once into one byte per code, and AMX's tile product multiplies 16 rows by 16 pairs, 64 inputs at
@@ -207,7 +209,7 @@ def supports(expert_bits, group_size: int, k: int) -> bool:
 
 
 def quantize_x(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the kernel does to x (in C; here for tests and the cache correction): x [S, K] ->
+    """What the kernel does to x (in C; here for tests): x [S, K] ->
     (x8 [S, G, gs] int8, xs [S, G] fp32), x ~= x8 * xs per group of inputs, max |x8| = 127."""
     xg = x.float().reshape(x.shape[0], -1, group_size)
     xs = (xg.abs().amax(-1) / 127).clamp_min(1e-30)
