@@ -43,6 +43,7 @@ typedef struct {
     const void *cache_delta;
     int64_t r, rpad;
     int delta_type;
+    const uint8_t *cache_on;        // [E] whether expert e's correction is not all zero (the others are skipped)
     const float *xg;
 } job_t;
 
@@ -75,7 +76,7 @@ static inline __m256 delta8(const job_t *j, int64_t e, int64_t n, int64_t c) {
 // acc[r][p] += the cache's correction of row n + r for pair pairs[p], in 8 lanes.
 static inline void cache_lanes(const job_t *j, int64_t e, int64_t n, int R, int P, const int64_t *pairs,
                                __m256 acc[4][MAX_P]) {
-    if (!j->cache_delta) return;
+    if (!j->cache_delta || !j->cache_on[e]) return;
     for (int64_t c = 0; c < j->rpad / 8; c++)
         for (int r = 0; r < R; r++) {
             const __m256 d = delta8(j, e, n + r, c);
@@ -319,7 +320,8 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
                    const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                    const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group, int lanes,
                    const uint16_t *scale, const uint8_t *zero, float *y, int threads,
-                   const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type) {
+                   const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type,
+                   const uint8_t *cache_on) {
     (void)lane_group;
     const int64_t G = K / gs, Gp = padded(G);
     job_t j = {N, K, G, gs, X ? S / X : 1, planes, {0}, {0}, NULL, NULL, scale, zero, y};
@@ -328,6 +330,7 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
         j.r = r;
         j.rpad = (r + 7) / 8 * 8;
         j.delta_type = delta_type;
+        j.cache_on = cache_on;
     }
     // pairs by expert (counting sort: start [E + 1], fill [E], order [S])
     int64_t *start = (int64_t *)kept(&kept_sort, sizeof(int64_t) * (size_t)(2 * E + 1 + S));

@@ -74,6 +74,7 @@ typedef struct {
     const void *cache_delta;
     int64_t r, rpad;
     int delta_type;
+    const uint8_t *cache_on;        // [E] whether expert e's correction is not all zero (the others are skipped)
     const float *xg;
 } job_t;
 
@@ -274,7 +275,7 @@ int dynamoq_cache_after = 0;
 // acc[r][p] += the cache's correction of row n + r for pair pairs[p], in 16 lanes.
 static inline __attribute__((always_inline)) void cache_lanes(const job_t *j, int64_t e, int64_t n, const int R,
                                                               const int P, const int64_t *pairs, __m512 acc[4][MAX_P]) {
-    if (!j->cache_delta || dynamoq_cache_after) return;
+    if (!j->cache_delta || !j->cache_on[e] || dynamoq_cache_after) return;
     for (int64_t c = 0; c < j->rpad / 16; c++)
         for (int r = 0; r < R; r++) {
             const __m512 d = delta16(j, e, n + r, c);
@@ -286,7 +287,7 @@ static inline __attribute__((always_inline)) void cache_lanes(const job_t *j, in
 // y[s, n] += the cache's correction, for rows [n0, n1) of expert e and its pairs [np], after they are stored (the
 // AMX path, whose accumulators hold 16 pairs of a row; the packed path too under dynamoq_cache_after).
 static void cache_after(const job_t *j, int64_t e, const int64_t *pairs, int64_t np, int64_t n0, int64_t n1) {
-    if (!j->cache_delta) return;
+    if (!j->cache_delta || !j->cache_on[e]) return;
     for (int64_t n = n0; n < n1; n++)
         for (int64_t p = 0; p < np; p++) {
             __m512 a = _mm512_setzero_ps();
@@ -784,7 +785,8 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
                    const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                    const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group, int lanes,
                    const uint16_t *scale, const uint8_t *zero, float *y, int threads,
-                   const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type) {
+                   const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type,
+                   const uint8_t *cache_on) {
     const int64_t G = K / gs, G16 = (G + 15) / 16 * 16;
     job_t j = {S, N, K, G, gs, X ? S / X : 1, planes, {0}, {0}, NULL, NULL, scale, zero, y};
     if (cache_delta && r > 0) {
@@ -792,6 +794,7 @@ int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_t gs, int64
         j.r = r;
         j.rpad = (r + 15) / 16 * 16;
         j.delta_type = delta_type;
+        j.cache_on = cache_on;
     }
     // pairs by expert (counting sort: start [E + 1], fill [E], order [S]); the AMX path for experts with
     // enough pairs, where it runs; xq only for the plane widths of the experts on the packed path

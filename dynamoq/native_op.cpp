@@ -27,7 +27,8 @@ extern "C" int dynamoq_decode(int64_t S, int64_t X, int64_t N, int64_t K, int64_
                               const int64_t *ids, const int32_t *expert_meta, const int64_t *width_base,
                               const int64_t *width_stride, const int32_t *planes, const int64_t *lane_group,
                               int lanes, const uint16_t *scale, const uint8_t *zero, float *y, int threads,
-                              const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type);
+                              const int64_t *cache_idx, const void *cache_delta, int64_t r, int delta_type,
+                              const uint8_t *cache_on);
 
 namespace {
 
@@ -47,6 +48,37 @@ const int32_t *lane_group(int64_t k, int64_t gs, int w) {
         for (int64_t l = 0; l < (int64_t)t.size(); l++) t[l] = (int32_t)((4 * l) / bpg - (64 * (l / 16)) / bpg);
     }
     return t.data();
+}
+
+// Which experts of a cache_delta [E, ...] hold a nonzero correction (any nonzero byte): the kernel skips the others,
+// so a model with a switching cache runs at full speed until a switch, and after one pays only for the experts it
+// switched. Computed once per version of the tensor (every in-place write, copy_ or zero_ or through a view, bumps
+// it), held weakly (a freed tensor's entry is never matched again). An inference tensor has no version: all on.
+struct Seen {
+    c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+    int64_t version;
+    std::vector<uint8_t> on;
+};
+std::map<const c10::TensorImpl *, Seen> seen;       // under mu
+
+std::vector<uint8_t> experts_on(const at::Tensor &delta_in, const at::Tensor &delta, int64_t E) {
+    if (delta_in.is_inference()) return std::vector<uint8_t>(E, 1);
+    const c10::TensorImpl *key = delta_in.unsafeGetTensorImpl();
+    const int64_t version = delta_in._version();
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = seen.find(key);
+        if (it != seen.end() && it->second.version == version && it->second.owner.lock().get() == key) return it->second.on;
+    }
+    std::vector<uint8_t> on(E, 0);
+    const size_t per = (size_t)(delta.numel() / std::max<int64_t>(E, 1)) * delta.element_size();
+    const uint8_t *b = (const uint8_t *)delta.data_ptr();
+    for (int64_t e = 0; e < E; e++)
+        on[e] = std::any_of(b + e * per, b + (e + 1) * per, [](uint8_t v) { return v != 0; });
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = seen.begin(); it != seen.end();) it = it->second.owner.expired() ? seen.erase(it) : std::next(it);
+    seen.insert_or_assign(key, Seen{c10::weak_intrusive_ptr<c10::TensorImpl>(delta_in.getIntrusivePtr()), version, on});
+    return on;
 }
 
 }  // namespace
@@ -121,6 +153,7 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
     TORCH_CHECK_VALUE(c == codes.size(), "native_decode: ", codes.size(), " code tensors for ", c, " bit-widths");
     at::Tensor cache_idx, cache_delta;
     int delta_type = 0;
+    std::vector<uint8_t> on;
     TORCH_CHECK_VALUE(cache_idx_in.has_value() == cache_delta_in.has_value(),
                       "native_decode: a switching cache needs both cache_idx and cache_delta");
     if (cache_idx_in.has_value()) {
@@ -136,6 +169,8 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
         const int64_t *ci = cache_idx.data_ptr<int64_t>();
         for (int64_t i = 0; i < cache_idx.numel(); i++)
             TORCH_CHECK_VALUE(ci[i] >= 0 && ci[i] < K, "native_decode: cached channel ", ci[i], " outside [0, ", K, ")");
+        on = experts_on(*cache_delta_in, cache_delta, E);
+        if (std::none_of(on.begin(), on.end(), [](uint8_t v) { return v != 0; })) cache_idx = cache_delta = at::Tensor();
     }
     keep.push_back(scale);
     keep.push_back(zero);
@@ -147,7 +182,7 @@ at::Tensor native_decode(const at::Tensor &x_in, const at::Tensor &ids_in, at::T
                                   zero.data_ptr<uint8_t>(), y.data_ptr<float>(), at::get_num_threads(),
                                   cache_idx.defined() ? cache_idx.data_ptr<int64_t>() : nullptr,
                                   cache_delta.defined() ? cache_delta.data_ptr() : nullptr,
-                                  cache_idx.defined() ? cache_idx.size(1) : 0, delta_type);
+                                  cache_idx.defined() ? cache_idx.size(1) : 0, delta_type, on.data());
     TORCH_CHECK(rc == 0, "dynamoq native decode: could not allocate its scratch memory");
     return y;
 }

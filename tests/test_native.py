@@ -90,6 +90,29 @@ def test_switching_cache_is_exact_in_the_kernel(n, k, g, bits, r, pairs, dtype, 
     assert ((_run(t, x, ids) - ref).norm() / ref.norm()).item() > 1e-3
 
 
+def test_experts_whose_correction_is_zero_are_skipped_and_every_write_is_seen():
+    """The operator skips experts whose cache_delta is all zero, judged once per version of the tensor: unswitched
+    experts run as without a cache. Every in-place write (zero_, a view's copy_) is seen by the next call."""
+    torch.manual_seed(0)
+    bits = (2, 3, 4, 8)
+    t = _switched(bits, 24, 256, 64, 7)
+    switched = t.cache_delta.clone()
+    ids, x = torch.randint(0, len(bits), (40,)), torch.randn(40, 256)
+    plain = _run(t, x, ids)
+
+    def exact() -> bool:
+        ref = _dense(t, native.rounded_x(x, 64), ids)
+        return ((_run(t, x, ids, cache=True) - ref).norm() / ref.norm()).item() < 1e-6
+    assert exact()
+    t.cache_delta.zero_()
+    assert torch.equal(_run(t, x, ids, cache=True), plain)
+    t.cache_delta[2].copy_(switched[2])                     # one expert, through a view
+    assert exact() and not torch.equal(_run(t, x, ids, cache=True), plain)
+    assert torch.equal(_run(t, x, ids, cache=True)[ids != 2], plain[ids != 2])
+    t.cache_delta.copy_(switched)
+    assert exact()
+
+
 @pytest.mark.skipif(not native.amx(), reason="this CPU or kernel has no AMX-INT8")
 def test_amx_and_packed_experts_in_one_call_agree_with_the_packed_path():
     """Experts with at least amx_min_pairs pairs take AMX, the others the packed path, in the same call; more
