@@ -15,7 +15,8 @@ loop of its own: the pair's x scales folded into the row factors, and where a gr
 blocks, one broadcast factor per group. A 3- or 6-bit code's second plane is merged into each part of the
 first before the product (one vpdpbusd per 64 codes, not two). A switching cache's corrections (cache_delta times
 x, as rounded here, at each expert's cached channels) are added in the tiles' accumulators (native_decode.c's
-"switching cache"): the layer needs no product of its own for them.
+"switching cache"): the layer needs no product of its own for them, and experts whose correction is all zero
+(unswitched; judged once per version of cache_delta) skip them.
 
 Prefill, on CPUs with AMX-INT8 (amx()): an expert with at least 4 pairs (amx_min_pairs) has its rows
 unpacked once into one byte per code, and AMX's tile product multiplies 16 rows by 16 pairs, 64 inputs at

@@ -259,6 +259,8 @@ static inline __mmask16 first16(int64_t left) { return left >= 16 ? (__mmask16)0
 // a cache (10-14% before R and P were constants here; of that, 8% the FMAs and x loads, 5% the deltas' loads).
 // Before, Inductor's loops added the corrections after the kernel: one compiled projection, the two ways
 // alternated in one process, this one 10-20% faster (1, 16 and 128 tokens; OLMoE and Qwen3 shapes).
+// Experts whose correction is all zero (unswitched) are skipped (cache_on, from native_op.cpp): nothing switched,
+// the same call costs -0.1% to +3% over no cache; half the experts switched, +4% to +12%.
 
 // Columns [16 c, 16 c + 16) of row n of expert e's cache_delta as float; zero past r.
 static inline __m512 delta16(const job_t *j, int64_t e, int64_t n, int64_t c) {
