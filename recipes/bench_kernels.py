@@ -7,7 +7,7 @@ evicted alike: _evict). Every variant is compiled with dynamoq.compile_options()
 weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits,
 ~3 storage bits), and the same with a switching cache of 1% of each expert's input channels, every expert
 switched to 8 bits (switching neither recompiles nor should slow the fused path: this row says what the
-corrections cost); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it,
+corrections cost) or none (the kernel skips zero corrections: this row says a cache costs nothing until used); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it,
 "(Inductor loops)", and where it has AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
 and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
@@ -128,17 +128,18 @@ def mixed_bits(num_experts: int, seed: int = 0) -> list[int]:
     return bits
 
 
-def dynamoq_layer(block, bits, group_size: int = 128, switched_to: int | None = None):
-    """Experts quantized to `bits`; with switched_to, each also keeps a switching cache of CACHE_FRACTION of
-    its input channels (random ones) and every expert is switched to that width (dynamoq.switching's
-    re-quantization of the cached columns), the state a switched model decodes in."""
+def dynamoq_layer(block, bits, group_size: int = 128, cache: bool = False, switched_to: int | None = None):
+    """Experts quantized to `bits`; with cache, each also keeps a switching cache of CACHE_FRACTION of its input
+    channels (random ones), nothing switched; with switched_to as well, every expert is switched to that width
+    (dynamoq.switching's re-quantization of the cached columns), the state a switched model decodes in."""
+    cache = cache or switched_to is not None
     b = with_impl(block, "dynamoq")
     transposed = bool(block.experts.is_transposed)
     g = torch.Generator().manual_seed(0)
     for name in PROJ:
         w = block.experts._parameters[name].data
         cache_idx = None
-        if switched_to is not None:
+        if cache:
             e, k = w.shape[0], w.shape[-2 if transposed else -1]
             r = max(1, math.ceil(CACHE_FRACTION * k))
             cache_idx = torch.stack([torch.randperm(k, generator=g)[:r].sort().values for _ in range(e)])  # [E, r]
@@ -150,9 +151,11 @@ def dynamoq_layer(block, bits, group_size: int = 128, switched_to: int | None = 
 
 
 def cache_bits(layer) -> float:
-    """Bits per expert weight the switching corrections read: the cached columns' deltas."""
+    """Bits per expert weight the switching corrections read: the cached columns' deltas of the switched experts
+    (the kernel skips an expert whose deltas are all zero)."""
     ws = [layer.experts._parameters[n] for n in PROJ]
-    return 8 * sum(w.cache_delta.numel() * w.cache_delta.element_size() for w in ws) / sum(w.numel() for w in ws)
+    read = sum(d.numel() * d.element_size() for w in ws for d in w.cache_delta if d.any())
+    return 8 * read / sum(w.numel() for w in ws)
 
 
 def torchao_layer(block, config):
@@ -185,8 +188,8 @@ def variants(block, which):
                 out[name] = (torchao_layer(block, Int4WeightOnlyConfig(group_size=128)), [4 + 32 / 128] * num_experts)
             elif name.startswith("dynamoq"):
                 bits = mixed_bits(num_experts) if "mixed" in name else [int(name.split()[1][0])] * num_experts
-                layer = dynamoq_layer(block, bits, switched_to=8 if name == SWITCHED else None)
-                extra = OVERHEAD_BITS_PER_GROUP / 128 + (cache_bits(layer) if name == SWITCHED else 0.0)
+                layer = dynamoq_layer(block, bits, cache=name == CACHED, switched_to=8 if name == SWITCHED else None)
+                extra = OVERHEAD_BITS_PER_GROUP / 128 + (cache_bits(layer) if name in (SWITCHED, CACHED) else 0.0)
                 out[name] = (layer, [b + extra for b in bits])
             else:
                 raise ValueError(name)
@@ -225,6 +228,7 @@ def bytes_per_token(block, xs, expert_bits) -> float:
 INDUCTOR = "(Inductor loops)"                  # a variant name ending so: decode without the native kernel
 CACHE_FRACTION = 0.01                          # the switching cache of DynaMoConfig's default cache_fraction
 SWITCHED = "dynamoq mixed 2/4/6/8, switched (1% cache)"
+CACHED = "dynamoq mixed 2/4/6/8, 1% cache, nothing switched"     # the kernel skips zero corrections: as without
 
 
 NO_AMX = "(no AMX)"                            # ... the native kernel without its AMX path (prefill)
@@ -321,7 +325,7 @@ def triton_kernels(f, x) -> int:
 def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     block = moe_layer(shape)
     names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
-             "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8", SWITCHED]
+             "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8", SWITCHED, CACHED]
     if DEVICE.type == "cpu" and dynamoq.native.available():      # the native decode kernel's A/B
         names.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         if dynamoq.native.amx():                                 # and its AMX path's

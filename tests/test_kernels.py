@@ -306,7 +306,8 @@ def test_benchmark_variants_compile_frames_of_their_own():
 def test_benchmark_switched_variant_decodes_in_a_switched_state():
     """recipes/bench_kernels.py's switched row: every expert keeps ceil(1%) of its input channels, switched to 8
     bits (nonzero corrections, so the layer differs from the unswitched one), the effective bits count the
-    deltas a decode reads, and the compiled native path matches the layer run eagerly."""
+    deltas a decode reads, and the compiled native path matches the layer run eagerly. Its cached row (nothing
+    switched) reads no deltas and, on the native kernel, gives the plain layer's bits."""
     bench_kernels = _bench()
     block = bench_kernels.moe_layer("tiny")
     bits = bench_kernels.mixed_bits(block.experts.gate_up_proj.shape[0])
@@ -327,6 +328,12 @@ def test_benchmark_switched_variant_decodes_in_a_switched_state():
         compiled = bench_kernels.compile_layer(switched, fullgraph=True)(x).float()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     assert rel(compiled, eager) < 0.2 * rel(base, eager)    # the corrections are in the compiled path
+    cached = bench_kernels.dynamoq_layer(block, bits, cache=True)     # the cached row: a cache, nothing switched
+    assert cached.experts.gate_up_proj.cache_idx is not None and bench_kernels.cache_bits(cached) == 0
+    assert bench_kernels.storage_bits(cached) == pytest.approx(bench_kernels.storage_bits(plain))
+    if native.available():                                  # the kernel skips the zero corrections: the same bits
+        with torch.no_grad():
+            assert torch.equal(cached(x), plain(x))
 
 
 def test_benchmark_merge_replaces_only_the_sizes_measured_again():
@@ -399,7 +406,7 @@ def test_benchmark_quick_run_measures_and_checks_every_variant(tmp_path, monkeyp
         torch.set_num_threads(threads)
     out = json.loads((tmp_path / "quick.json").read_text())
     assert out["complete"]
-    names = ["bf16 batched_mm", "dynamoq mixed 2/4/6/8", bench_kernels.SWITCHED]
+    names = ["bf16 batched_mm", "dynamoq mixed 2/4/6/8", bench_kernels.SWITCHED, bench_kernels.CACHED]
     if native.available():             # and its A/B without the native kernel, and without its AMX path
         names.append("dynamoq mixed 2/4/6/8 (Inductor loops)")
         if native.amx():
