@@ -7,8 +7,9 @@ evicted alike: _evict). Every variant is compiled with dynamoq.compile_options()
 weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo mixed (2/4/6/8 bits,
 ~3 storage bits), and the same with a switching cache of 1% of each expert's input channels, every expert
 switched to 8 bits (switching neither recompiles nor should slow the fused path: this row says what the
-corrections cost) or none (the kernel skips zero corrections: this row says a cache costs nothing until used); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it,
-"(Inductor loops)", and where it has AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
+corrections cost) or none (the kernel skips zero corrections: this row says a cache costs nothing until
+used); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)",
+and where it has AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
 and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
 batched_mm, with its perplexity through the decode path (on a GPU, which has no copy of it: an
@@ -189,7 +190,7 @@ def variants(block, which):
             elif name.startswith("dynamoq"):
                 bits = mixed_bits(num_experts) if "mixed" in name else [int(name.split()[1][0])] * num_experts
                 layer = dynamoq_layer(block, bits, cache=name == CACHED, switched_to=8 if name == SWITCHED else None)
-                extra = OVERHEAD_BITS_PER_GROUP / 128 + (cache_bits(layer) if name in (SWITCHED, CACHED) else 0.0)
+                extra = OVERHEAD_BITS_PER_GROUP / 128 + (cache_bits(layer) if name == SWITCHED else 0.0)
                 out[name] = (layer, [b + extra for b in bits])
             else:
                 raise ValueError(name)
