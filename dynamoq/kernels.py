@@ -6,7 +6,9 @@ of the paths below; plain weights through transformers' batched_mm.
 
 native_linear (CPUs with AVX-512 VNNI or AVX2, any number of pairs): the hand-written kernel of native.py
   (codes as bytes times x in int8, one opaque operator under torch.compile; AMX tiles for experts with
-  many pairs where the CPU has AMX-INT8). Elsewhere, or with NATIVE = False, Inductor generates the code:
+  many pairs where the CPU has AMX-INT8). On GPU with TRITON = True: the hand-written Triton kernel of
+  triton_decode.py for few pairs (off by default until a GPU has timed it). Elsewhere, or with NATIVE = False,
+  Inductor generates the code:
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
   loop nest per projection and bit-width, C++ on CPU and Triton on GPU. Each width's loop nest runs
   over all pairs with the other widths' pairs masked out, or, for big experts on CPU, over its own pairs
@@ -29,6 +31,7 @@ bit-plane of width w (packing.PLANES: c = 8 / w codes per byte, bit offset `off`
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -37,6 +40,11 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
 
 from . import native, packing
+
+try:                          # the hand-written GPU kernel (TRITON below) where the triton package is installed
+    from . import triton_decode
+except ImportError:
+    triton_decode = None
 from .tensors import DynaMoExperts, _PackedWeight, experts_by_width
 
 NAME = "dynamoq"
@@ -194,17 +202,31 @@ def _nk(w) -> tuple[int, int]:
 # The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI or AVX2) for every number of pairs on CPUs
 # that have it; False keeps Inductor's loops and the grouped path (the benchmark's A/B, their tests).
 NATIVE = True
+# The hand-written Triton kernel (triton_decode.py) for the decode path on GPU, in place of Inductor's loops: off
+# until a GPU has measured it (recipes/bench_gpu.sh runs it beside them).
+TRITON = False
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # Triton's interpreter: the kernel on CPU (tests)
 
 
 @contextlib.contextmanager
-def native_kernel(on: bool):
-    """NATIVE = on for the duration (torch.compile guards on it: one graph per value, no recompiles)."""
-    global NATIVE
-    before, NATIVE = NATIVE, on
+def _setting(name: str, on: bool):
+    """The module global `name` = on for the duration (torch.compile guards on it: one graph per value)."""
+    before = globals()[name]
+    globals()[name] = on
     try:
         yield
     finally:
-        NATIVE = before
+        globals()[name] = before
+
+
+def native_kernel(on: bool):
+    """NATIVE = on for the duration."""
+    return _setting("NATIVE", on)
+
+
+def triton_kernel(on: bool):
+    """TRITON = on for the duration."""
+    return _setting("TRITON", on)
 
 
 def use_native(w, x: torch.Tensor) -> bool:
@@ -377,6 +399,10 @@ def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     row once for its k pairs); else the decode path for few token-expert pairs, the grouped path for many."""
     if use_native(w, x):
         return native_linear(w, x, ids)
+    if TRITON and (x.device.type == "cuda" or _TRITON_INTERPRET) and not use_grouped(ids.shape[0], w.num_rows):
+        if triton_decode is None:
+            raise RuntimeError("dynamoq.kernels.TRITON = True needs the triton package (pip install triton)")
+        return triton_decode.linear(w, x, ids)
     if guard_or_true(x.shape[0] != ids.shape[0]):          # (unbacked token counts: T != k T)
         x = x.repeat_interleave(ids.shape[0] // x.shape[0], dim=0)                 # [S, K]
     if use_grouped(ids.shape[0], w.num_rows):

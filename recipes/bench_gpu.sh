@@ -2,9 +2,9 @@
 # One command for a GPU machine (an H200 here): the kernel benchmark on CUDA, where Inductor emits Triton.
 #   bash recipes/bench_gpu.sh [OUT]      # results: recipes/results/kernels_gpu.{json,md}, copied to OUT
 # Steps in order of importance, each under its own time limit (seconds, overridable) so that a slow step
-# leaves the others' results, all merged into one file: the OLMoE shape at 1, 16 and 128 tokens for bf16,
-# uniform 3-bit and DynaMo mixed (FIRST_S); the same at 1 and 16 tokens replayed as CUDA graphs, into
-# kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an OLMoE-shaped model (E2E_S); the
+# leaves the others' results, all merged into one file: the OLMoE shape at 1, 16 and 128 tokens for bf16
+# and DynaMo mixed by Inductor's loops and by the hand-written Triton kernel (FIRST_S); the same at 1 and
+# 16 tokens replayed as CUDA graphs, into kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an OLMoE-shaped model (E2E_S); the
 # other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
 # machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
 # Wheels in .whl/ (a machine with no network and other package versions) are installed to /tmp/site first.
@@ -32,9 +32,10 @@ step() {  # step SECONDS NAME ARGS...: one run of the benchmark, stopped after S
   timeout -k 10 "$s" python3 recipes/bench_kernels.py --device cuda --name "$name" $m "$@"
   echo "== rc $? after $((SECONDS - t0)) s"
 }
-step "${FIRST_S:-300}" kernels_gpu --shapes olmoe --tokens 1 16 128 --variants grouped_mm 3-bit mixed --no-e2e
+MAIN=("bf16 grouped_mm" "dynamoq mixed 2/4/6/8" "dynamoq mixed 2/4/6/8 (Triton kernel)")
+step "${FIRST_S:-300}" kernels_gpu --shapes olmoe --tokens 1 16 128 --variants "${MAIN[@]}" --no-e2e
 # launch-bound at 1 token: the same rows replayed as CUDA graphs
-step "${GRAPHS_S:-150}" kernels_gpu_cudagraphs --cudagraphs --shapes olmoe --tokens 1 16 --variants grouped_mm 3-bit mixed --no-e2e
+step "${GRAPHS_S:-150}" kernels_gpu_cudagraphs --cudagraphs --shapes olmoe --tokens 1 16 --variants "${MAIN[@]}" --no-e2e
 step "${E2E_S:-150}" kernels_gpu --shapes
 step "${REST_S:-300}" kernels_gpu --shapes olmoe --no-e2e
 step "${QWEN3_S:-300}" kernels_gpu --shapes qwen3 --no-e2e

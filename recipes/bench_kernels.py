@@ -9,7 +9,8 @@ weight-only on the experts where they run; dynamoq uniform 4, 3, 2 bits; DynaMo 
 switched to 8 bits (switching neither recompiles nor should slow the fused path: this row says what the
 corrections cost) or none (the kernel skips zero corrections: this row says a cache costs nothing until
 used); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)",
-and where it has AMX-INT8, without its AMX path, "(no AMX)". Plus end-to-end
+and where it has AMX-INT8, without its AMX path, "(no AMX)"; on a GPU also uniform 3-bit and DynaMo mixed by
+the hand-written Triton kernel (dynamoq/triton_decode.py), "(Triton kernel)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
 and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
 batched_mm, with its perplexity through the decode path (on a GPU, which has no copy of it: an
@@ -60,7 +61,7 @@ from transformers import AutoConfig
 import dynamoq
 from _common import Decoder, own_frame
 from dynamoq import DynaMoExperts, switching
-from dynamoq.kernels import native_kernel
+from dynamoq.kernels import native_kernel, triton_kernel
 from dynamoq.packing import OVERHEAD_BITS_PER_GROUP
 from dynamoq.tensors import _PackedWeight
 
@@ -233,9 +234,18 @@ CACHED = "dynamoq mixed 2/4/6/8, 1% cache, nothing switched"     # the kernel sk
 
 
 NO_AMX = "(no AMX)"                            # ... the native kernel without its AMX path (prefill)
+TRITON = "(Triton kernel)"                     # ... decode by the hand-written Triton kernel (GPU: triton_decode.py)
 
 
-def compile_layer(layer, fullgraph: bool, native: bool = True, amx: bool = True):
+@contextlib.contextmanager
+def kernels_of(name: str):
+    """The decode kernels a variant's name asks for (its suffix): Inductor's loops, the Triton kernel, or the
+    defaults (the native kernel on CPU, Inductor's loops on GPU)."""
+    with native_kernel(not name.endswith(INDUCTOR)), triton_kernel(name.endswith(TRITON)):
+        yield
+
+
+def compile_layer(layer, fullgraph: bool, name: str = ""):
     f = torch.compile(own_frame(layer), fullgraph=fullgraph, options={**dynamoq.compile_options(), **EXTRA_OPTIONS})
 
     # Per call only what the variant needs: each context manager entered per call cost microseconds from cold
@@ -244,9 +254,9 @@ def compile_layer(layer, fullgraph: bool, native: bool = True, amx: bool = True)
         if not hasattr(x, "_dynamo_dynamic_indices"):
             torch._dynamo.mark_dynamic(x, 1)
         with torch.no_grad():
-            if native and amx:
+            if not name.endswith((INDUCTOR, NO_AMX, TRITON)):
                 return f(x)
-            with native_kernel(native), (contextlib.nullcontext() if amx else dynamoq.native.amx_min_pairs(2 ** 40)):
+            with kernels_of(name), (dynamoq.native.amx_min_pairs(2 ** 40) if name.endswith(NO_AMX) else contextlib.nullcontext()):
                 return f(x)
     return run
 
@@ -304,9 +314,9 @@ def measure(fns: dict, xs: list, runs: int, reps: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def rel_error(layer, f, x, native: bool = True) -> float:
-    """Compiled output against the same layer run eagerly: |y - y_eager| / |y_eager|."""
-    with torch.no_grad(), native_kernel(native):
+def rel_error(layer, f, x, name: str = "") -> float:
+    """Compiled output against the same layer run eagerly (with the kernels of its name): |y - y_eager| / |y_eager|."""
+    with torch.no_grad(), kernels_of(name):
         ref = layer(x).float()
     return ((f(x).float() - ref).norm() / ref.norm()).item()
 
@@ -331,7 +341,9 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
         names.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         if dynamoq.native.amx():                                 # and its AMX path's
             names.append(f"dynamoq mixed 2/4/6/8 {NO_AMX}")
-    names = [n for n in names if not args.variants or any(v in n for v in args.variants)]
+    if DEVICE.type == "cuda":                                   # the hand-written Triton kernel's A/B
+        names += [f"dynamoq 3-bit {TRITON}", f"dynamoq mixed 2/4/6/8 {TRITON}"]
+    names = [n for n in names if not args.variants or any(v == n or (v not in names and v in n) for v in args.variants)]
     layers, failed = variants(block, names)
     for name, why in failed.items():
         notes.append(f"{shape}: {name} does not run here: {why}")
@@ -350,8 +362,7 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
             if not any(n.startswith("torchao") for n in phase) and phase is phases[1]:
                 continue
             torch._dynamo.reset()
-            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao"), native=not n.endswith(INDUCTOR),
-                                    amx=not n.endswith(NO_AMX)) for n in phase}
+            fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao"), name=n) for n in phase}
             for tokens in args.tokens:
                 _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes,
                                report_bf16=phase is phases[0])
@@ -370,7 +381,7 @@ def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes
             if DEVICE.type == "cuda" and name.startswith("dynamoq") and (n := triton_kernels(f, xs[0])):
                 notes.append(f"{shape}, {tokens} tokens, {name}: {n} Triton kernels in the graph compiled")
             f(xs[0])
-            err[name] = rel_error(layers[name][0], f, xs[1 % len(xs)], native=not name.endswith(INDUCTOR))
+            err[name] = rel_error(layers[name][0], f, xs[1 % len(xs)], name)
             ok[name] = f
             print(f"  {shape} {threads}t {tokens:4d} tok  ready {name} ({time.perf_counter() - t0:.0f} s, "
                   f"error vs eager {err[name]:.1e})", flush=True)
@@ -484,6 +495,8 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
         labels = [*E2E_BF16, "dynamoq mixed 2/4/6/8", ATTENTION_8, HEAD_8, "dynamoq 4-bit"]
         if DEVICE.type == "cpu" and dynamoq.native.available():
             labels.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
+        if DEVICE.type == "cuda":
+            labels.append(f"dynamoq mixed 2/4/6/8 {TRITON}")
         torch._dynamo.reset()
         models = {}
         for label in labels:
@@ -503,11 +516,11 @@ def e2e(args, notes, rows: list, on_row=lambda: None) -> None:
         times = {label: [] for label in labels}
         for _ in range(args.e2e_tokens):
             for label, d in decoders.items():
-                with native_kernel(not label.endswith(INDUCTOR)):
+                with kernels_of(label):
                     times[label].append(d.step())
         for label, model in models.items():
             tps = 1 / statistics.median(times[label][E2E_WARMUP:])
-            with native_kernel(not label.endswith(INDUCTOR)):
+            with kernels_of(label):
                 ppl = (decode_perplexity(model, held_out) if held_out is not None and threads == args.threads[0]
                        and not label.endswith(INDUCTOR) else None)
             with native_kernel(False):         # the same weights, x in fp32: one forward over the text
@@ -632,7 +645,7 @@ def main():
     p.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     p.add_argument("--runs", type=int, default=21, help="timed calls per variant and size (median)")
     p.add_argument("--pool", type=int, default=8, help="distinct inputs cycled through (different routing)")
-    p.add_argument("--variants", nargs="*", help="only variants whose name contains one of these")
+    p.add_argument("--variants", nargs="*", help="only these variants (a name exactly, or a part of names)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
     p.add_argument("--e2e-tokens", type=int, default=48)
     p.add_argument("--e2e-model", choices=["real", "olmoe"], default=None,

@@ -1,0 +1,134 @@
+"""The GPU decode kernel, hand-written in Triton: packed experts of mixed bit-widths times token-expert pairs.
+
+Inductor's loops (kernels.decode_linear) on a GPU run one loop nest per bit-width over every pair, the pairs of
+the other widths masked: they skip their loads but not their share of the work, so a mixed-width layer cost
+several times a uniform one (H200, OLMoE shape, 16 tokens: mixed 2.81 ms, uniform 3-bit 0.81, bf16 0.47;
+recipes/results/kernels_gpu.md). Here one program computes BLOCK_N rows of one pair and branches once on its
+expert's width (a scalar branch: every program runs the code of its own width only), so a mixed layer costs
+what its bytes cost. Per step of GB groups it loads the rows' code bytes of each plane (packing.py's layout:
+byte l of chunk h holds the inputs h * c * L + p * L + l, p = 0..c-1), takes each part out with a shift and a
+mask, multiplies by the pair's x (fp32) at those inputs and sums per group; then scale * (sum q x - zero *
+sum x) per group, as the other paths do. Not measured on a GPU yet (none was lent since it was written): it
+is off by default (kernels.TRITON), checked against the dequantized product under Triton's interpreter
+(tests/test_triton_decode.py), and recipes/bench_gpu.sh measures it beside Inductor's loops.
+
+Importing this module needs the triton package (on a CUDA machine it comes with torch; on CPU only TRITON_INTERPRET=1
+runs the kernel): kernels.py imports it when it is used.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import packing
+
+BLOCK_N = 32          # output rows per program
+STEP_INPUTS = 256     # inputs per row and step (GB groups, a power of two)
+
+
+@triton.jit
+def _plane_terms(codes, xrow, rows, row_bytes, mask_n, g, start, G: tl.constexpr, GS: tl.constexpr,
+                L: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, BGP: tl.constexpr):
+    # one plane of width W at byte `start` of each row: [BLOCK_N, GB] sums over each group of
+    # (plane value << OFF) * x; g [GB] the step's groups
+    BG: tl.constexpr = GS * W // 8            # bytes per group
+    C: tl.constexpr = 8 // W                  # codes per byte
+    j = tl.arange(0, BGP)                     # byte of the group (padded to a power of two)
+    mg = (g < G)[:, None] & (j < BG)[None, :]                                   # [GB, BGP]
+    at = rows[:, None, None] * row_bytes + start + (g[:, None] * BG + j[None, :])[None, :, :]
+    byte = tl.load(codes + at, mask=mask_n[:, None, None] & mg[None, :, :], other=0).to(tl.int32)
+    h, lane = j // L, j % L
+    acc = tl.zeros([rows.shape[0], g.shape[0]], tl.float32)
+    for p in tl.static_range(C):
+        xv = tl.load(xrow + g[:, None] * GS + (h * (C * L) + p * L + lane)[None, :], mask=mg, other=0.0)
+        part = ((byte >> (W * p)) & ((1 << W) - 1)).to(tl.float32)              # [BLOCK_N, GB, BGP]
+        acc += tl.sum(part * xv[None, :, :], axis=2)
+    return acc * (1 << OFF)
+
+@triton.jit
+def _decode(x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: tl.constexpr, G: tl.constexpr,
+           GS: tl.constexpr, L: tl.constexpr, GB: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr,
+            P1: tl.constexpr, P2: tl.constexpr, P4: tl.constexpr, P8: tl.constexpr):
+    # x [X, K] fp32, ids [S], meta [E, 2] int32 (bits, slot among the experts of its width), q{b} [E_b, N,
+    # K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8 -> y [S, N] fp32; pair s reads x row s / PER;
+    # P{w}: a group's bytes in a plane of width w, rounded up to a power of two
+    s = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask_n = rows < N
+    e = tl.load(ids + s).to(tl.int64)
+    b = tl.load(meta + 2 * e)
+    slot = tl.load(meta + 2 * e + 1).to(tl.int64)
+    xrow = x + (s // PER).to(tl.int64) * K
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for g0 in range(0, G, GB):
+        g = g0 + tl.arange(0, GB)
+        if b == 2:
+            t = _plane_terms(q2 + slot * N * (K // 4), xrow, rows64, K // 4, mask_n, g, 0, G, GS, L, 2, 0, P2)
+        elif b == 3:
+            t = _plane_terms(q3 + slot * N * (K * 3 // 8), xrow, rows64, K * 3 // 8, mask_n, g, 0, G, GS, L, 2, 0,
+                            P2)
+            t += _plane_terms(q3 + slot * N * (K * 3 // 8), xrow, rows64, K * 3 // 8, mask_n, g, K // 4, G, GS, L,
+                             1, 2, P1)
+        elif b == 4:
+            t = _plane_terms(q4 + slot * N * (K // 2), xrow, rows64, K // 2, mask_n, g, 0, G, GS, L, 4, 0, P4)
+        elif b == 6:
+            t = _plane_terms(q6 + slot * N * (K * 3 // 4), xrow, rows64, K * 3 // 4, mask_n, g, 0, G, GS, L, 4, 0,
+                            P4)
+            t += _plane_terms(q6 + slot * N * (K * 3 // 4), xrow, rows64, K * 3 // 4, mask_n, g, K // 2, G, GS, L,
+                             2, 4, P2)
+        else:
+            t = _plane_terms(q8 + slot * N * K, xrow, rows64, K, mask_n, g, 0, G, GS, L, 8, 0, P8)
+        k = tl.arange(0, GSP)
+        mg = g < G
+        xsum = tl.sum(tl.load(xrow + g[:, None] * GS + k[None, :], mask=mg[:, None] & (k < GS)[None, :],
+                              other=0.0), axis=1)                                # [GB]
+        at = (e * N + rows64)[:, None] * G + g[None, :]
+        m2 = mask_n[:, None] & mg[None, :]
+        sc = tl.load(scale + at, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(zero + at, mask=m2, other=0).to(tl.float32)
+        acc += tl.sum(sc * (t - z * xsum[None, :]), axis=1)
+    tl.store(y + s * N + rows64, acc, mask=mask_n)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@torch.library.triton_op("dynamoq::triton_decode", mutates_args={})
+def triton_decode(x: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, q2: torch.Tensor, q3: torch.Tensor,
+                  q4: torch.Tensor, q6: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    """x [X, K] fp32, ids [S], meta [E, 2] int32 (each expert's bits and slot among the experts of its width),
+    q{b} [E_b, N, K * b / 8] (any uint8 tensor for a width without experts), scale / zero [E, N, G]
+    -> y [S, N] fp32; pair s reads x row s / (S / X). An operator torch.compile sees into (its Triton kernel
+    lands in the compiled graph)."""
+    s_, x_rows = ids.shape[0], x.shape[0]
+    n, g_ = scale.shape[1], scale.shape[2]
+    y = x.new_empty(s_, n, dtype=torch.float32)
+    if s_:
+        gs = group_size
+        gb = min(_pow2(g_), _pow2(max(1, STEP_INPUTS // gs)))
+        torch.library.wrap_triton(_decode)[(s_, triton.cdiv(n, BLOCK_N))](
+            x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, n, s_ // x_rows,
+            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), GB=gb, GSP=_pow2(gs), BLOCK=BLOCK_N,
+            P1=_pow2(gs // 8), P2=_pow2(gs // 4), P4=_pow2(gs // 2), P8=_pow2(gs))
+    return y
+
+
+def linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """kernels.expert_linear by this kernel: y[s] = W[ids[s]] @ x[s / k] for a DynaMoExperts w (storage [E, N, K]),
+    x [X, K] (X = S, or S = k X: a token's k pairs share its row), ids [S] -> [S, N] fp32, switched channels'
+    corrections added after (kernels._cache_terms)."""
+    from .kernels import _cache_terms
+    xf = x.float().contiguous()
+    meta = torch.tensor([v for pair in w._slots() for v in pair], dtype=torch.int32, device=x.device)  # [E, 2]
+    codes = [getattr(w, f"q{b}") for b in packing.BITS]
+    some = next(c for c in codes if c is not None)
+    y = triton_decode(xf, ids.contiguous(), meta, *(some if c is None else c for c in codes),
+                      w.scale, w.zero, w.group_size)
+    if w.cache_idx is not None:
+        per = ids.shape[0] // max(1, x.shape[0])
+        y = y + _cache_terms(w, xf if per == 1 else xf.repeat_interleave(per, dim=0), ids)
+    return y
