@@ -13,7 +13,7 @@ is off by default (kernels.TRITON), checked against the dequantized product unde
 (tests/test_triton_decode.py), and recipes/bench_gpu.sh measures it beside Inductor's loops.
 
 Importing this module needs the triton package (on a CUDA machine it comes with torch; on CPU only TRITON_INTERPRET=1
-runs the kernel): kernels.py imports it when it is used.
+runs the kernel); kernels.py imports it where triton is installed.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ STEP_INPUTS = 256     # inputs per row and step (GB groups, a power of two)
 
 @triton.jit
 def _plane_terms(codes, xrow, rows, row_bytes, mask_n, g, start, G: tl.constexpr, GS: tl.constexpr,
-                L: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, BGP: tl.constexpr):
+                 L: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, BGP: tl.constexpr):
     # one plane of width W at byte `start` of each row: [BLOCK_N, GB] sums over each group of
     # (plane value << OFF) * x; g [GB] the step's groups
     BG: tl.constexpr = GS * W // 8            # bytes per group
@@ -46,13 +46,28 @@ def _plane_terms(codes, xrow, rows, row_bytes, mask_n, g, start, G: tl.constexpr
         acc += tl.sum(part * xv[None, :, :], axis=2)
     return acc * (1 << OFF)
 
+
+@triton.jit
+def _width_terms(q, slot, xrow, rows, mask_n, g, N, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+                 L: tl.constexpr, W1: tl.constexpr, P1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr,
+                 P2: tl.constexpr):
+    # the planes of one bit-width (packing.PLANES: W1 at offset 0, then W2 at offset OFF2 where W2 > 0), codes q of
+    # the experts of that width [E_b, N, K * (W1 + W2) / 8], this expert's at slot -> [BLOCK_N, GB]
+    ROW: tl.constexpr = K * (W1 + W2) // 8
+    base = q + slot * N * ROW
+    t = _plane_terms(base, xrow, rows, ROW, mask_n, g, 0, G, GS, L, W1, 0, P1)
+    if W2 > 0:
+        t += _plane_terms(base, xrow, rows, ROW, mask_n, g, K * W1 // 8, G, GS, L, W2, OFF2, P2)
+    return t
+
+
 @triton.jit
 def _decode(x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: tl.constexpr, G: tl.constexpr,
-           GS: tl.constexpr, L: tl.constexpr, GB: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr,
-            P1: tl.constexpr, P2: tl.constexpr, P4: tl.constexpr, P8: tl.constexpr):
+            GS: tl.constexpr, L: tl.constexpr, GB: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr,
+            B1: tl.constexpr, B2: tl.constexpr, B4: tl.constexpr, B8: tl.constexpr):
     # x [X, K] fp32, ids [S], meta [E, 2] int32 (bits, slot among the experts of its width), q{b} [E_b, N,
     # K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8 -> y [S, N] fp32; pair s reads x row s / PER;
-    # P{w}: a group's bytes in a plane of width w, rounded up to a power of two
+    # B{w}: a group's bytes in a plane of width w, rounded up to a power of two
     s = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask_n = rows < N
@@ -65,21 +80,15 @@ def _decode(x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: tl.cons
     for g0 in range(0, G, GB):
         g = g0 + tl.arange(0, GB)
         if b == 2:
-            t = _plane_terms(q2 + slot * N * (K // 4), xrow, rows64, K // 4, mask_n, g, 0, G, GS, L, 2, 0, P2)
+            t = _width_terms(q2, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 2, B2, 0, 0, 1)
         elif b == 3:
-            t = _plane_terms(q3 + slot * N * (K * 3 // 8), xrow, rows64, K * 3 // 8, mask_n, g, 0, G, GS, L, 2, 0,
-                            P2)
-            t += _plane_terms(q3 + slot * N * (K * 3 // 8), xrow, rows64, K * 3 // 8, mask_n, g, K // 4, G, GS, L,
-                             1, 2, P1)
+            t = _width_terms(q3, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 2, B2, 1, 2, B1)
         elif b == 4:
-            t = _plane_terms(q4 + slot * N * (K // 2), xrow, rows64, K // 2, mask_n, g, 0, G, GS, L, 4, 0, P4)
+            t = _width_terms(q4, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 4, B4, 0, 0, 1)
         elif b == 6:
-            t = _plane_terms(q6 + slot * N * (K * 3 // 4), xrow, rows64, K * 3 // 4, mask_n, g, 0, G, GS, L, 4, 0,
-                            P4)
-            t += _plane_terms(q6 + slot * N * (K * 3 // 4), xrow, rows64, K * 3 // 4, mask_n, g, K // 2, G, GS, L,
-                             2, 4, P2)
+            t = _width_terms(q6, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 4, B4, 2, 4, B2)
         else:
-            t = _plane_terms(q8 + slot * N * K, xrow, rows64, K, mask_n, g, 0, G, GS, L, 8, 0, P8)
+            t = _width_terms(q8, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 8, B8, 0, 0, 1)
         k = tl.arange(0, GSP)
         mg = g < G
         xsum = tl.sum(tl.load(xrow + g[:, None] * GS + k[None, :], mask=mg[:, None] & (k < GS)[None, :],
@@ -113,7 +122,7 @@ def triton_decode(x: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, q2: to
         torch.library.wrap_triton(_decode)[(s_, triton.cdiv(n, BLOCK_N))](
             x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, n, s_ // x_rows,
             K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), GB=gb, GSP=_pow2(gs), BLOCK=BLOCK_N,
-            P1=_pow2(gs // 8), P2=_pow2(gs // 4), P4=_pow2(gs // 2), P8=_pow2(gs))
+            B1=_pow2(gs // 8), B2=_pow2(gs // 4), B4=_pow2(gs // 2), B8=_pow2(gs))
     return y
 
 

@@ -1,5 +1,6 @@
 """The hand-written Triton decode kernel (dynamoq/triton_decode.py) against the dequantized weights, run by
-Triton's interpreter on CPU (TRITON_INTERPRET=1, in a subprocess: the variable must be set before triton loads).
+Triton's interpreter on CPU (TRITON_INTERPRET=1, in a subprocess: the variable must be set before triton loads),
+and traced by torch.compile.
 Where the triton package is not importable here, bash .ci/setup installs it into .ci/triton (the package alone:
 this CPU torch needs nothing else from it), which this test puts on the subprocess's path."""
 import importlib.util
@@ -76,6 +77,44 @@ assert torch.allclose(fused, loops, atol=1e-5, rtol=1e-4), (fused - loops).abs()
 print("ok block", flush=True)
 '''
 
+# torch.compile (fullgraph) of a block with the kernel on: the graph Inductor would get holds the two Triton kernels
+# themselves (as on a GPU; traced only: without the interpreter, Triton cannot launch on CPU)
+TRACE = r'''
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+from transformers import AutoConfig
+import transformers.models.olmoe.modeling_olmoe as mo
+from dynamoq import DynaMoExperts, kernels
+
+cfg = AutoConfig.for_model("olmoe", hidden_size=128, intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+blk = mo.OlmoeSparseMoeBlock(cfg).eval()
+for name in ("gate_up_proj", "down_proj"):
+    w = getattr(blk.experts, name).data
+    setattr(blk.experts, name, torch.nn.Parameter(DynaMoExperts.from_float(w, (2, 3, 4, 6, 8, 4, 2, 3), 32),
+                                                  requires_grad=False))
+blk.experts.config._experts_implementation = "dynamoq"
+kernels._TRITON_INTERPRET = True                     # the CPU tensors take the GPU's path
+graphs = []
+
+
+def backend(gm, example_inputs):
+    def compiler(g, inputs):
+        graphs.append(g)
+        def run(*args):
+            raise NotImplementedError("traced only")
+        return run
+    return aot_module_simplified(gm, example_inputs, fw_compiler=compiler)
+
+
+with torch.no_grad(), kernels.native_kernel(False), kernels.triton_kernel(True):
+    try:
+        torch.compile(blk, fullgraph=True, backend=backend)(torch.randn(1, 5, 128))
+    except NotImplementedError:
+        pass
+print("graphs", len(graphs))
+print("kernels", sum("triton_kernel_wrapper" in str(n.target) for n in graphs[0].graph.nodes))
+'''
+
 
 def _env():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -94,6 +133,16 @@ def test_triton_kernel_matches_the_dequantized_weights_under_the_interpreter():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     done = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
     assert len(done) == 6 * 3 * 2 + 2, done          # every case ran
+
+
+def test_triton_kernel_lands_in_the_compiled_graph():
+    env = _env()
+    if env is None:
+        pytest.skip(f"triton is not installed here nor in {SITE} (bash .ci/setup installs it there)")
+    env.pop("TRITON_INTERPRET")
+    r = subprocess.run([sys.executable, "-c", TRACE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "graphs 1" in r.stdout and "kernels 2" in r.stdout, r.stdout     # one graph, gate_up's and down's kernel
 
 
 def test_asking_for_the_triton_kernel_without_triton_says_what_is_missing(monkeypatch):
