@@ -17,14 +17,16 @@ runs the kernel); kernels.py imports it where triton is installed.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from . import packing
 
-BLOCK_N = 32          # output rows per program
-STEP_INPUTS = 256     # inputs per row and step (GB groups, a power of two)
+BLOCK_N = 32          # output rows per program under the interpreter (on a GPU: autotuned, _TUNED)
+STEP_BYTES = 128      # code bytes per row and step, about (whole groups, a power of two of them)
 
 
 @triton.jit
@@ -48,57 +50,65 @@ def _plane_terms(codes, xrow, rows, row_bytes, mask_n, g, start, G: tl.constexpr
 
 
 @triton.jit
-def _width_terms(q, slot, xrow, rows, mask_n, g, N, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
-                 L: tl.constexpr, W1: tl.constexpr, P1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr,
-                 P2: tl.constexpr):
-    # the planes of one bit-width (packing.PLANES: W1 at offset 0, then W2 at offset OFF2 where W2 > 0), codes q of
-    # the experts of that width [E_b, N, K * (W1 + W2) / 8], this expert's at slot -> [BLOCK_N, GB]
+def _width_rows(q, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K: tl.constexpr, G: tl.constexpr,
+                GS: tl.constexpr, L: tl.constexpr, GB: tl.constexpr, W1: tl.constexpr, P1: tl.constexpr,
+                W2: tl.constexpr, OFF2: tl.constexpr, P2: tl.constexpr):
+    # rows of expert e (slot among the experts of its width: codes q [E_b, N, K * (W1 + W2) / 8], planes as
+    # packing.PLANES: W1 at offset 0, then W2 at offset OFF2 where W2 > 0) times one pair's x -> [BLOCK_N] fp32,
+    # GB groups a step
     ROW: tl.constexpr = K * (W1 + W2) // 8
     base = q + slot * N * ROW
-    t = _plane_terms(base, xrow, rows, ROW, mask_n, g, 0, G, GS, L, W1, 0, P1)
-    if W2 > 0:
-        t += _plane_terms(base, xrow, rows, ROW, mask_n, g, K * W1 // 8, G, GS, L, W2, OFF2, P2)
-    return t
+    acc = tl.zeros([rows.shape[0]], tl.float32)
+    for g0 in range(0, G, GB):
+        g = g0 + tl.arange(0, GB)
+        t = _plane_terms(base, xrow, rows, ROW, mask_n, g, 0, G, GS, L, W1, 0, P1)
+        if W2 > 0:
+            t += _plane_terms(base, xrow, rows, ROW, mask_n, g, K * W1 // 8, G, GS, L, W2, OFF2, P2)
+        mg = g < G
+        at = (e * N + rows)[:, None] * G + g[None, :]
+        m2 = mask_n[:, None] & mg[None, :]
+        sc = tl.load(scale + at, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(zero + at, mask=m2, other=0).to(tl.float32)
+        xsum = tl.load(xsum_row + g, mask=mg, other=0.0)
+        acc += tl.sum(sc * (t - z * xsum[None, :]), axis=1)
+    return acc
 
 
 @triton.jit
-def _decode(x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: tl.constexpr, G: tl.constexpr,
-            GS: tl.constexpr, L: tl.constexpr, GB: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr,
-            B1: tl.constexpr, B2: tl.constexpr, B4: tl.constexpr, B8: tl.constexpr):
-    # x [X, K] fp32, ids [S], meta [E, 2] int32 (bits, slot among the experts of its width), q{b} [E_b, N,
-    # K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8 -> y [S, N] fp32; pair s reads x row s / PER;
-    # B{w}: a group's bytes in a plane of width w, rounded up to a power of two
+def _decode(x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: tl.constexpr, G: tl.constexpr,
+            GS: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
+            B4: tl.constexpr, B8: tl.constexpr, GB2: tl.constexpr, GB3: tl.constexpr, GB4: tl.constexpr,
+            GB6: tl.constexpr, GB8: tl.constexpr):
+    # x [X, K] fp32, xsum [X, G] its sums per group, ids [S], meta [E, 2] int32 (bits, slot among the experts of
+    # its width), q{b} [E_b, N, K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8 -> y [S, N] fp32;
+    # pair s reads x row s / PER; B{w}: a group's bytes in a plane of width w, rounded up to a power of two;
+    # GB{b}: groups per step for b bits
     s = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask_n = rows < N
     e = tl.load(ids + s).to(tl.int64)
     b = tl.load(meta + 2 * e)
     slot = tl.load(meta + 2 * e + 1).to(tl.int64)
-    xrow = x + (s // PER).to(tl.int64) * K
-    rows64 = rows.to(tl.int64)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for g0 in range(0, G, GB):
-        g = g0 + tl.arange(0, GB)
-        if b == 2:
-            t = _width_terms(q2, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 2, B2, 0, 0, 1)
-        elif b == 3:
-            t = _width_terms(q3, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 2, B2, 1, 2, B1)
-        elif b == 4:
-            t = _width_terms(q4, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 4, B4, 0, 0, 1)
-        elif b == 6:
-            t = _width_terms(q6, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 4, B4, 2, 4, B2)
-        else:
-            t = _width_terms(q8, slot, xrow, rows64, mask_n, g, N, K, G, GS, L, 8, B8, 0, 0, 1)
-        k = tl.arange(0, GSP)
-        mg = g < G
-        xsum = tl.sum(tl.load(xrow + g[:, None] * GS + k[None, :], mask=mg[:, None] & (k < GS)[None, :],
-                              other=0.0), axis=1)                                # [GB]
-        at = (e * N + rows64)[:, None] * G + g[None, :]
-        m2 = mask_n[:, None] & mg[None, :]
-        sc = tl.load(scale + at, mask=m2, other=0.0).to(tl.float32)
-        z = tl.load(zero + at, mask=m2, other=0).to(tl.float32)
-        acc += tl.sum(sc * (t - z * xsum[None, :]), axis=1)
-    tl.store(y + s * N + rows64, acc, mask=mask_n)
+    row = (s // PER).to(tl.int64)
+    xrow, xsum_row = x + row * K, xsum + row * G
+    if b == 2:
+        acc = _width_rows(q2, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB2, 2, B2, 0, 0, 1)
+    elif b == 3:
+        acc = _width_rows(q3, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB3, 2, B2, 1, 2, B1)
+    elif b == 4:
+        acc = _width_rows(q4, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB4, 4, B4, 0, 0, 1)
+    elif b == 6:
+        acc = _width_rows(q6, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB6, 4, B4, 2, 4, B2)
+    else:
+        acc = _width_rows(q8, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB8, 8, B8, 0, 0, 1)
+    tl.store(y + s * N + rows, acc, mask=mask_n)
+
+
+# On a GPU the first call of each shape times these and keeps the fastest (rows per program, warps); under the
+# interpreter (tests) the kernel runs as written, BLOCK_N rows a program.
+_TUNED = _decode if os.environ.get("TRITON_INTERPRET") == "1" else triton.autotune(
+    [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8))],
+    key=["N", "K", "GS"])(_decode)
 
 
 def _pow2(n: int) -> int:
@@ -115,14 +125,16 @@ def triton_decode(x: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, q2: to
     lands in the compiled graph)."""
     s_, x_rows = ids.shape[0], x.shape[0]
     n, g_ = scale.shape[1], scale.shape[2]
+    gs = group_size
     y = x.new_empty(s_, n, dtype=torch.float32)
     if s_:
-        gs = group_size
-        gb = min(_pow2(g_), _pow2(max(1, STEP_INPUTS // gs)))
-        torch.library.wrap_triton(_decode)[(s_, triton.cdiv(n, BLOCK_N))](
-            x, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, n, s_ // x_rows,
-            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), GB=gb, GSP=_pow2(gs), BLOCK=BLOCK_N,
-            B1=_pow2(gs // 8), B2=_pow2(gs // 4), B4=_pow2(gs // 2), B8=_pow2(gs))
+        xsum = x.view(x_rows, g_, gs).sum(-1)                                     # [X, G]
+        steps = {f"GB{b}": min(_pow2(g_), _pow2(max(1, STEP_BYTES * 8 // (gs * b)))) for b in packing.BITS}
+        block = {} if _TUNED is not _decode else {"BLOCK": BLOCK_N}
+        torch.library.wrap_triton(_TUNED)[lambda cfg: (s_, triton.cdiv(n, cfg["BLOCK"]))](
+            x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, n, s_ // x_rows, K=g_ * gs, G=g_, GS=gs,
+            L=packing.lanes(gs), B1=_pow2(gs // 8), B2=_pow2(gs // 4), B4=_pow2(gs // 2), B8=_pow2(gs),
+            **steps, **block)
     return y
 
 
