@@ -7,7 +7,8 @@ of the paths below; plain weights through transformers' batched_mm.
 native_linear (CPUs with AVX-512 VNNI or AVX2, any number of pairs): the hand-written kernel of native.py
   (codes as bytes times x in int8, one opaque operator under torch.compile; AMX tiles for experts with
   many pairs where the CPU has AMX-INT8). On GPU with TRITON = True: the hand-written Triton kernel of
-  triton_decode.py for few pairs (off by default until a GPU has timed it). Elsewhere, or with NATIVE = False,
+  triton_decode.py for few pairs (gate_up with its gate, and down with the routing weights' sum, one kernel each
+  where the module gates by default; off until a GPU has timed it). Elsewhere, or with NATIVE = False,
   Inductor generates the code:
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
   loop nest per projection and bit-width, C++ on CPU and Triton on GPU. Each width's loop nest runs
@@ -37,7 +38,8 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate, batched_mm_experts_forward
 
 from . import native, packing
 
@@ -393,15 +395,29 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the experts implementation -----------------------------------------------------------------
+def use_triton(w, x: torch.Tensor, ids: torch.Tensor) -> bool:
+    """Whether the decode product runs the Triton kernel (TRITON, on GPU or under Triton's interpreter, few pairs)."""
+    if not (TRITON and (x.device.type == "cuda" or _TRITON_INTERPRET) and not use_grouped(ids.shape[0], w.num_rows)):
+        return False
+    if triton_decode is None:
+        raise RuntimeError("dynamoq.kernels.TRITON = True needs the triton package (pip install triton)")
+    return True
+
+
+def _silu_gated(experts) -> bool:
+    """Whether an experts module gates as transformers does by default: silu(gate) * up, no biases, no norm."""
+    return (experts.has_gate and not experts.has_bias and not experts.has_post_expert_norm
+            and type(experts)._apply_gate is _default_apply_gate
+            and isinstance(getattr(experts, "act_fn", None), (torch.nn.SiLU, SiLUActivation)))
+
+
 def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K] (or [T, K] with S = k T: pair s reads row
     s / k, a token's k experts), ids [S] -> [S, N] float32: the native kernel where it runs (it reads a token's
     row once for its k pairs); else the decode path for few token-expert pairs, the grouped path for many."""
     if use_native(w, x):
         return native_linear(w, x, ids)
-    if TRITON and (x.device.type == "cuda" or _TRITON_INTERPRET) and not use_grouped(ids.shape[0], w.num_rows):
-        if triton_decode is None:
-            raise RuntimeError("dynamoq.kernels.TRITON = True needs the triton package (pip install triton)")
+    if use_triton(w, x, ids):
         return triton_decode.linear(w, x, ids)
     if guard_or_true(x.shape[0] != ids.shape[0]):          # (unbacked token counts: T != k T)
         x = x.repeat_interleave(ids.shape[0] // x.shape[0], dim=0)                 # [S, K]
@@ -417,6 +433,10 @@ def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
     ids = top_k_index.reshape(-1)                                          # [S = T * k]
+    if isinstance(self.down_proj, DynaMoExperts) and use_triton(first, hidden_states, ids) and _silu_gated(self):
+        # two Triton kernels: gate_up with the gate, then down with the routing weights' sum (launches dominate decode)
+        h = triton_decode.gated(first, hidden_states, ids)                          # [S, I]
+        return triton_decode.combined(self.down_proj, h, ids, top_k_weights).to(hidden_states.dtype)
     h = expert_linear(first, hidden_states, ids)                             # [S, 2I] or [S, I]
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids].float()

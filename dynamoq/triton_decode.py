@@ -3,17 +3,21 @@
 Inductor's loops (kernels.decode_linear) on a GPU run one loop nest per bit-width over every pair, the pairs of
 the other widths masked: they skip their loads but not their share of the work, so a mixed-width layer cost
 several times a uniform one (H200, OLMoE shape, 16 tokens: mixed 2.81 ms, uniform 3-bit 0.81, bf16 0.47;
-recipes/results/kernels_gpu.md). Here one program computes BLOCK_N rows of one pair and branches once on its
+recipes/results/kernels_gpu.md). Here one program computes a block of rows of one pair and branches once on its
 expert's width (a scalar branch: every program runs the code of its own width only), so a mixed layer costs
-what its bytes cost. Per step of GB groups it loads the rows' code bytes of each plane (packing.py's layout:
+what its bytes cost. Per step of a few groups it loads the rows' code bytes of each plane (packing.py's layout:
 byte l of chunk h holds the inputs h * c * L + p * L + l, p = 0..c-1), takes each part out with a shift and a
 mask, multiplies by the pair's x (fp32) at those inputs and sums per group; then scale * (sum q x - zero *
-sum x) per group, as the other paths do. Not measured on a GPU yet (none was lent since it was written): it
-is off by default (kernels.TRITON), checked against the dequantized product under Triton's interpreter
-(tests/test_triton_decode.py), and recipes/bench_gpu.sh measures it beside Inductor's loops.
+sum x) per group, as the other paths do, plus a switching cache's correction (cache_delta times x at the cached
+channels). At one token a GPU layer is bound by its launches more than by its bytes, so an experts module that
+gates as transformers does by default (kernels._silu_gated) takes two kernels: gate_up with silu(gate) * up
+(gated), then down with each token's sum over its pairs, weighted by the router (combined).
 
-Importing this module needs the triton package (on a CUDA machine it comes with torch; on CPU only TRITON_INTERPRET=1
-runs the kernel); kernels.py imports it where triton is installed.
+Not measured on a GPU yet (none was lent since it was written): off by default (kernels.TRITON), checked against
+the dequantized product under Triton's interpreter and traced by torch.compile (tests/test_triton_decode.py);
+recipes/bench_gpu.sh measures it beside Inductor's loops, and on a GPU each shape's first call picks the rows per
+program and warps (_TUNED). Importing this module needs the triton package (on a CUDA machine it comes with
+torch; on CPU only TRITON_INTERPRET=1 runs the kernel); kernels.py imports it where triton is installed.
 """
 from __future__ import annotations
 
@@ -75,17 +79,12 @@ def _width_rows(q, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K: tl.
 
 
 @triton.jit
-def _decode(x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: tl.constexpr, G: tl.constexpr,
-            GS: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
-            B4: tl.constexpr, B8: tl.constexpr, GB2: tl.constexpr, GB3: tl.constexpr, GB4: tl.constexpr,
-            GB6: tl.constexpr, GB8: tl.constexpr):
-    # x [X, K] fp32, xsum [X, G] its sums per group, ids [S], meta [E, 2] int32 (bits, slot among the experts of
-    # its width), q{b} [E_b, N, K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8 -> y [S, N] fp32;
-    # pair s reads x row s / PER; B{w}: a group's bytes in a plane of width w, rounded up to a power of two;
-    # GB{b}: groups per step for b bits
-    s = tl.program_id(0)
-    rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask_n = rows < N
+def _pair_rows(s, rows, mask_n, x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, N, PER,
+               K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
+               RP: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B4: tl.constexpr, B8: tl.constexpr,
+               GB2: tl.constexpr, GB3: tl.constexpr, GB4: tl.constexpr, GB6: tl.constexpr, GB8: tl.constexpr):
+    # rows [BLOCK_N] of pair s's expert times the pair's x (row s / PER) -> [BLOCK_N] fp32, with its switching
+    # cache's correction where R > 0
     e = tl.load(ids + s).to(tl.int64)
     b = tl.load(meta + 2 * e)
     slot = tl.load(meta + 2 * e + 1).to(tl.int64)
@@ -101,7 +100,53 @@ def _decode(x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, N, PER, K: t
         acc = _width_rows(q6, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB6, 4, B4, 2, 4, B2)
     else:
         acc = _width_rows(q8, slot, e, xrow, xsum_row, scale, zero, rows, mask_n, N, K, G, GS, L, GB8, 8, B8, 0, 0, 1)
-    tl.store(y + s * N + rows, acc, mask=mask_n)
+    if R > 0:                       # cache_idx [E, R], cache_delta [E, N, R]: sum_i delta[n, i] * x[idx[i]]
+        i = tl.arange(0, RP)
+        mi = i < R
+        xg = tl.load(xrow + tl.load(cache_idx + e * R + i, mask=mi, other=0), mask=mi, other=0.0)
+        d = tl.load(cache_delta + (e * N + rows)[:, None] * R + i[None, :], mask=mask_n[:, None] & mi[None, :],
+                    other=0.0)
+        acc += tl.sum(d.to(tl.float32) * xg[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _decode(x, xsum, ids, weights, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, N, PER,
+            K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, L: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+            BLOCK: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B4: tl.constexpr, B8: tl.constexpr,
+            GB2: tl.constexpr, GB3: tl.constexpr, GB4: tl.constexpr, GB6: tl.constexpr, GB8: tl.constexpr,
+            GATED: tl.constexpr, PAIRS: tl.constexpr):
+    # x [X, K] fp32, xsum [X, G] its sums per group, ids [S], meta [E, 2] int32 (bits, slot among the experts of
+    # its width), q{b} [E_b, N, K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8; pair s reads x row
+    # s / PER; B{w}: a group's bytes in a plane of width w, rounded up to a power of two; GB{b}: groups per step for
+    # b bits; a switching cache where R > 0 (RP: R rounded up to a power of two). y:
+    #   GATED: [S, N / 2] = silu(first half's rows . x) * (second half's rows . x), each pair (program axis 0)
+    #   PAIRS = k > 0: [T, N] = sum over a token's k pairs (t k .. t k + k - 1) of weights[pair] * rows . x
+    #   else: [S, N] = rows . x, each pair
+    i = tl.program_id(0)
+    rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    if GATED:
+        half = N // 2
+        mask = rows < half
+        a = _pair_rows(i, rows, mask, x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, N,
+                       PER, K, G, GS, L, R, RP, B1, B2, B4, B8, GB2, GB3, GB4, GB6, GB8)
+        u = _pair_rows(i, rows + half, mask, x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx,
+                       cache_delta, N, PER, K, G, GS, L, R, RP, B1, B2, B4, B8, GB2, GB3, GB4, GB6, GB8)
+        tl.store(y + i * half + rows, a / (1.0 + tl.exp(-a)) * u, mask=mask)
+    elif PAIRS > 0:
+        mask = rows < N
+        out = tl.zeros([BLOCK], tl.float32)
+        for j in range(PAIRS):
+            s = i * PAIRS + j
+            out += tl.load(weights + s).to(tl.float32) * _pair_rows(
+                s, rows, mask, x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, N, PER,
+                K, G, GS, L, R, RP, B1, B2, B4, B8, GB2, GB3, GB4, GB6, GB8)
+        tl.store(y + i * N + rows, out, mask=mask)
+    else:
+        mask = rows < N
+        out = _pair_rows(i, rows, mask, x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, N,
+                         PER, K, G, GS, L, R, RP, B1, B2, B4, B8, GB2, GB3, GB4, GB6, GB8)
+        tl.store(y + i * N + rows, out, mask=mask)
 
 
 # On a GPU the first call of each shape times these and keeps the fastest (rows per program, warps); under the
@@ -116,40 +161,60 @@ def _pow2(n: int) -> int:
 
 
 @torch.library.triton_op("dynamoq::triton_decode", mutates_args={})
-def triton_decode(x: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, q2: torch.Tensor, q3: torch.Tensor,
-                  q4: torch.Tensor, q6: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  group_size: int) -> torch.Tensor:
+def triton_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, q2: torch.Tensor,
+                  q3: torch.Tensor, q4: torch.Tensor, q6: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, cache_idx: torch.Tensor, cache_delta: torch.Tensor, group_size: int,
+                  gated: bool, pairs: int) -> torch.Tensor:
     """x [X, K] fp32, ids [S], meta [E, 2] int32 (each expert's bits and slot among the experts of its width),
-    q{b} [E_b, N, K * b / 8] (any uint8 tensor for a width without experts), scale / zero [E, N, G]
-    -> y [S, N] fp32; pair s reads x row s / (S / X). An operator torch.compile sees into (its Triton kernel
-    lands in the compiled graph)."""
+    q{b} [E_b, N, K * b / 8] (any uint8 tensor for a width without experts), scale / zero [E, N, G], a switching
+    cache cache_idx [E, r], cache_delta [E, N, r] (r = 0: none); pair s reads x row s / (S / X). -> fp32:
+    gated: [S, N / 2], silu of the first half of the rows times the second (transformers' gate_up);
+    pairs = k > 0: [S / k, N], each token's k pairs summed with weights [S]; else [S, N].
+    An operator torch.compile sees into: its Triton kernel lands in the compiled graph."""
     s_, x_rows = ids.shape[0], x.shape[0]
     n, g_ = scale.shape[1], scale.shape[2]
-    gs = group_size
-    y = x.new_empty(s_, n, dtype=torch.float32)
+    gs, r = group_size, cache_idx.shape[1]
+    rows_out, cols_out = (s_, n // 2) if gated else (s_ // pairs, n) if pairs else (s_, n)
+    y = x.new_empty(rows_out, cols_out, dtype=torch.float32)
     if s_:
         xsum = x.view(x_rows, g_, gs).sum(-1)                                     # [X, G]
         steps = {f"GB{b}": min(_pow2(g_), _pow2(max(1, STEP_BYTES * 8 // (gs * b)))) for b in packing.BITS}
         block = {} if _TUNED is not _decode else {"BLOCK": BLOCK_N}
-        torch.library.wrap_triton(_TUNED)[lambda cfg: (s_, triton.cdiv(n, cfg["BLOCK"]))](
-            x, xsum, ids, meta, q2, q3, q4, q6, q8, scale, zero, y, n, s_ // x_rows, K=g_ * gs, G=g_, GS=gs,
-            L=packing.lanes(gs), B1=_pow2(gs // 8), B2=_pow2(gs // 4), B4=_pow2(gs // 2), B8=_pow2(gs),
-            **steps, **block)
+        torch.library.wrap_triton(_TUNED)[lambda cfg: (rows_out, triton.cdiv(cols_out, cfg["BLOCK"]))](
+            x, xsum, ids, weights, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, n, s_ // x_rows,
+            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), R=r, RP=_pow2(max(r, 1)), B1=_pow2(gs // 8),
+            B2=_pow2(gs // 4), B4=_pow2(gs // 2), B8=_pow2(gs), GATED=gated, PAIRS=pairs, **steps, **block)
     return y
 
 
-def linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """kernels.expert_linear by this kernel: y[s] = W[ids[s]] @ x[s / k] for a DynaMoExperts w (storage [E, N, K]),
-    x [X, K] (X = S, or S = k X: a token's k pairs share its row), ids [S] -> [S, N] fp32, switched channels'
-    corrections added after (kernels._cache_terms)."""
-    from .kernels import _cache_terms
+def _call(w, x, ids, weights=None, gated=False, pairs=0):
     xf = x.float().contiguous()
     meta = torch.tensor([v for pair in w._slots() for v in pair], dtype=torch.int32, device=x.device)  # [E, 2]
     codes = [getattr(w, f"q{b}") for b in packing.BITS]
     some = next(c for c in codes if c is not None)
-    y = triton_decode(xf, ids.contiguous(), meta, *(some if c is None else c for c in codes),
-                      w.scale, w.zero, w.group_size)
-    if w.cache_idx is not None:
-        per = ids.shape[0] // max(1, x.shape[0])
-        y = y + _cache_terms(w, xf if per == 1 else xf.repeat_interleave(per, dim=0), ids)
-    return y
+    if w.cache_idx is None:
+        cache = (ids.new_zeros(w.num_rows, 0), xf.new_zeros(w.num_rows, 0, 0))
+    else:
+        cache = (w.cache_idx, w.cache_delta)
+    return triton_decode(xf, ids.contiguous(), xf if weights is None else weights.reshape(-1).contiguous(), meta,
+                         *(some if c is None else c for c in codes), w.scale, w.zero, *cache, w.group_size, gated,
+                         pairs)
+
+
+def linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """kernels.expert_linear by this kernel: y[s] = W[ids[s]] @ x[s / k] for a DynaMoExperts w (storage [E, N, K]),
+    x [X, K] (X = S, or S = k X: a token's k pairs share its row), ids [S] -> [S, N] fp32, a switching cache's
+    corrections included."""
+    return _call(w, x, ids)
+
+
+def gated(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' gate_up and its default gate in one call: silu(gate . x) * (up . x) for a DynaMoExperts w whose
+    rows are [gate; up] (storage [E, 2 I, K]), x [X, K], ids [S] -> [S, I] fp32."""
+    return _call(w, x, ids, gated=True)
+
+
+def combined(w, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The down projection and the routing weights' sum in one call: for a token t with pairs t k .. t k + k - 1,
+    sum_j weights[t, j] W[ids[t k + j]] @ x[t k + j]; x [S, K], ids [S], weights [T, k] -> [T, N] fp32."""
+    return _call(w, x, ids, weights, pairs=weights.shape[-1])

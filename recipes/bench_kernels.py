@@ -256,7 +256,8 @@ def compile_layer(layer, fullgraph: bool, name: str = ""):
         with torch.no_grad():
             if not name.endswith((INDUCTOR, NO_AMX, TRITON)):
                 return f(x)
-            with kernels_of(name), (dynamoq.native.amx_min_pairs(2 ** 40) if name.endswith(NO_AMX) else contextlib.nullcontext()):
+            no_amx = dynamoq.native.amx_min_pairs(2 ** 40) if name.endswith(NO_AMX) else contextlib.nullcontext()
+            with kernels_of(name), no_amx:
                 return f(x)
     return run
 

@@ -57,6 +57,23 @@ assert t.cache_delta.abs().sum() > 0
 check(t, torch.randn(4, K), torch.tensor([0, 1, 2, 7]), "switched cache")
 assert triton_decode.linear(t, torch.randn(0, K), torch.zeros(0, dtype=torch.long)).shape == (0, N)
 
+# gate_up with the gate (rows [gate; up]) and down with the routing weights' sum, switched cache included
+for cache in (0, 5):
+    t = experts(MIXED, 64, cache=cache)
+    if cache:
+        t.cache_delta[3].copy_(_requantize(t, 3, 8))
+    x, ids = torch.randn(3, K), torch.randint(0, len(MIXED), (6,))              # 3 tokens, 2 pairs each
+    ref = reference(t, x, ids)
+    h = triton_decode.gated(t, x, ids)
+    expect = torch.nn.functional.silu(ref[:, :N // 2]) * ref[:, N // 2:]
+    assert h.shape == (6, N // 2) and torch.allclose(h, expect, atol=1e-4, rtol=1e-4), (h - expect).abs().max()
+    weights = torch.rand(3, 2)
+    xs = torch.randn(6, K)
+    y = triton_decode.combined(t, xs, ids, weights)
+    expect = (reference(t, xs, ids) * weights.reshape(-1, 1)).view(3, 2, N).sum(1)
+    assert y.shape == (3, N) and torch.allclose(y, expect, atol=1e-4, rtol=1e-4), (y - expect).abs().max()
+    print("ok gated and combined, cache", cache, flush=True)
+
 # a whole MoE block through the experts implementation: the kernel in place of Inductor's loops, same result
 cfg = AutoConfig.for_model("olmoe", hidden_size=128, intermediate_size=64, num_experts=8, num_experts_per_tok=2)
 blk = mo.OlmoeSparseMoeBlock(cfg).eval()
@@ -66,13 +83,13 @@ for name in ("gate_up_proj", "down_proj"):
 blk.experts.config._experts_implementation = "dynamoq"
 x = torch.randn(1, 5, 128)
 calls = []
-real = triton_decode.linear
-triton_decode.linear = lambda *a: calls.append(1) or real(*a)
+real = triton_decode._call
+triton_decode._call = lambda *a, **k: calls.append(k) or real(*a, **k)
 with torch.no_grad(), kernels.native_kernel(False):
     loops = blk(x)
     with kernels.triton_kernel(True):
         fused = blk(x)
-assert len(calls) == 2, calls                       # gate_up and down
+assert calls == [{"gated": True}, {"pairs": 2}], calls            # two kernels: gate_up + gate, down + sum
 assert torch.allclose(fused, loops, atol=1e-5, rtol=1e-4), (fused - loops).abs().max().item()
 print("ok block", flush=True)
 '''
@@ -132,7 +149,7 @@ def test_triton_kernel_matches_the_dequantized_weights_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", CHECKS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     done = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
-    assert len(done) == 6 * 3 * 2 + 2, done          # every case ran
+    assert len(done) == 6 * 3 * 2 + 4, done          # every case ran
 
 
 def test_triton_kernel_lands_in_the_compiled_graph():
