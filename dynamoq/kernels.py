@@ -42,12 +42,12 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate, batched_mm_experts_forward
 
 from . import native, packing
+from .tensors import DynaMoExperts, _PackedWeight, experts_by_width
 
 try:                          # the hand-written GPU kernel (TRITON below) where the triton package is installed
     from . import triton_decode
 except ImportError:
     triton_decode = None
-from .tensors import DynaMoExperts, _PackedWeight, experts_by_width
 
 NAME = "dynamoq"
 aten = torch.ops.aten

@@ -4,8 +4,8 @@
 # Steps in order of importance, each under its own time limit (seconds, overridable) so that a slow step
 # leaves the others' results, all merged into one file: the OLMoE shape at 1, 16 and 128 tokens for bf16
 # and DynaMo mixed by Inductor's loops and by the hand-written Triton kernel (FIRST_S); the same at 1 and
-# 16 tokens replayed as CUDA graphs, into kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an OLMoE-shaped model (E2E_S); the
-# other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
+# 16 tokens replayed as CUDA graphs, into kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an
+# OLMoE-shaped model (E2E_S); the other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
 # machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
 # Wheels in .whl/ (a machine with no network and other package versions) are installed to /tmp/site first.
 # The lent H200 had torch 2.11, transformers 5.17 and no torchao (2026-11-29); fetch the pinned ones with

@@ -347,7 +347,8 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
         names += [f"dynamoq 3-bit {TRITON}", f"dynamoq mixed 2/4/6/8 {TRITON}"]
         why = f"error vs eager of a {TRITON} row: against Inductor's loops run eagerly (its check of correctness)"
         notes += [why] if why not in notes else []
-    names = [n for n in names if not args.variants or any(v == n or (v not in names and v in n) for v in args.variants)]
+    if args.variants:                 # a name exactly, or a part of names
+        names = [n for n in names if any(v == n or (v not in names and v in n) for v in args.variants)]
     layers, failed = variants(block, names)
     for name, why in failed.items():
         notes.append(f"{shape}: {name} does not run here: {why}")
