@@ -92,6 +92,29 @@ with torch.no_grad(), kernels.native_kernel(False):
 assert calls == [{"gated": True}, {"pairs": 2}], calls            # two kernels: gate_up + gate, down + sum
 assert torch.allclose(fused, loops, atol=1e-5, rtol=1e-4), (fused - loops).abs().max().item()
 print("ok block", flush=True)
+
+# whole tiny models of several families, quantized, a 3-token forward (the decode path): the same logits as
+# Inductor's loops give; families that gate by default take the two fused kernels, the others one per projection
+import sys
+sys.path.insert(0, "tests")
+import dynamoq
+from families import tiny_config
+from transformers import AutoModelForCausalLM
+for mt, fused_path in [("mixtral", True), ("qwen2_moe", True), ("deepseek_v3", True), ("gpt_oss", False),
+                       ("gemma4_text", False)]:
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(tiny_config(mt)).float().eval()
+    bits = {b.layer: [(2, 3, 4, 8)[e % 4] for e in range(b.num_experts)] for b in dynamoq.moe_blocks(m)}
+    dynamoq.quantize_(m, dynamoq.DynaMoConfig(expert_bits=bits, group_size=32), progress=False)
+    ids = torch.randint(1, 100, (1, 3))
+    with torch.no_grad(), kernels.native_kernel(False):
+        loops = m(ids).logits
+        calls.clear()
+        with kernels.triton_kernel(True):
+            logits = m(ids).logits
+    assert calls and all(("gated" in c or "pairs" in c) == fused_path for c in calls), (mt, calls)
+    assert torch.allclose(logits, loops, atol=1e-4, rtol=1e-4), (mt, (logits - loops).abs().max().item())
+    print("ok family", mt, flush=True)
 '''
 
 # torch.compile (fullgraph) of a block with the kernel on: the graph Inductor would get holds the two Triton kernels
@@ -151,7 +174,7 @@ def test_triton_kernel_matches_the_dequantized_weights_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", CHECKS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     done = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
-    assert len(done) == 6 * 3 * 2 + 4, done          # every case ran
+    assert len(done) == 6 * 3 * 2 + 4 + 5, done      # every case ran
 
 
 def test_triton_kernel_lands_in_the_compiled_graph():
