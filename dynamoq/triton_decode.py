@@ -153,7 +153,7 @@ def _decode(x, xsum, ids, weights, meta, q2, q3, q4, q6, q8, scale, zero, cache_
 # interpreter (tests) the kernel runs as written, BLOCK_N rows a program.
 _TUNED = _decode if os.environ.get("TRITON_INTERPRET") == "1" else triton.autotune(
     [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8))],
-    key=["N", "K", "GS"])(_decode)
+    key=["N", "K", "GS", "GATED", "PAIRS"])(_decode)
 
 
 def _pow2(n: int) -> int:
