@@ -32,7 +32,6 @@ bit-plane of width w (packing.PLANES: c = 8 / w codes per byte, bit offset `off`
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -207,7 +206,7 @@ NATIVE = True
 # The hand-written Triton kernel (triton_decode.py) for the decode path on GPU, in place of Inductor's loops: off
 # until a GPU has measured it (recipes/bench_gpu.sh runs it beside them).
 TRITON = False
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # Triton's interpreter: the kernel on CPU (tests)
+_TRITON_INTERPRET = triton_decode is not None and triton_decode.INTERPRET     # the kernel on CPU (tests)
 
 
 @contextlib.contextmanager

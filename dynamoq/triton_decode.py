@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import packing
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # Triton's interpreter: the kernel on CPU (tests)
 BLOCK_N = 32          # output rows per program under the interpreter (on a GPU: autotuned, _TUNED)
 STEP_BYTES = 128      # code bytes per row and step, about (whole groups, a power of two of them)
 
@@ -151,13 +152,9 @@ def _decode(x, xsum, ids, weights, meta, q2, q3, q4, q6, q8, scale, zero, cache_
 
 # On a GPU the first call of each shape times these and keeps the fastest (rows per program, warps); under the
 # interpreter (tests) the kernel runs as written, BLOCK_N rows a program.
-_TUNED = _decode if os.environ.get("TRITON_INTERPRET") == "1" else triton.autotune(
+_TUNED = _decode if INTERPRET else triton.autotune(
     [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8))],
     key=["N", "K", "GS", "GATED", "PAIRS"])(_decode)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @torch.library.triton_op("dynamoq::triton_decode", mutates_args={})
@@ -177,13 +174,14 @@ def triton_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, met
     rows_out, cols_out = (s_, n // 2) if gated else (s_ // pairs, n) if pairs else (s_, n)
     y = x.new_empty(rows_out, cols_out, dtype=torch.float32)
     if s_:
+        pow2 = triton.next_power_of_2
         xsum = x.view(x_rows, g_, gs).sum(-1)                                     # [X, G]
-        steps = {f"GB{b}": min(_pow2(g_), _pow2(max(1, STEP_BYTES * 8 // (gs * b)))) for b in packing.BITS}
-        block = {} if _TUNED is not _decode else {"BLOCK": BLOCK_N}
+        steps = {f"GB{b}": min(pow2(g_), pow2(max(1, STEP_BYTES * 8 // (gs * b)))) for b in packing.BITS}
+        block = {"BLOCK": BLOCK_N} if INTERPRET else {}
         torch.library.wrap_triton(_TUNED)[lambda cfg: (rows_out, triton.cdiv(cols_out, cfg["BLOCK"]))](
             x, xsum, ids, weights, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, n, s_ // x_rows,
-            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), R=r, RP=_pow2(max(r, 1)), B1=_pow2(gs // 8),
-            B2=_pow2(gs // 4), B4=_pow2(gs // 2), B8=_pow2(gs), GATED=gated, PAIRS=pairs, **steps, **block)
+            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), R=r, RP=pow2(max(r, 1)), B1=pow2(gs // 8), B2=pow2(gs // 4),
+            B4=pow2(gs // 2), B8=pow2(gs), GATED=gated, PAIRS=pairs, **steps, **block)
     return y
 
 
