@@ -6,10 +6,10 @@ of the paths below; plain weights through transformers' batched_mm.
 
 native_linear (CPUs with AVX-512 VNNI or AVX2, any number of pairs): the hand-written kernel of native.py
   (codes as bytes times x in int8, one opaque operator under torch.compile; AMX tiles for experts with
-  many pairs where the CPU has AMX-INT8). On GPU with TRITON = True: the hand-written Triton kernel of
-  triton_decode.py for few pairs (gate_up with its gate, and down with the routing weights' sum, one kernel each
-  where the module gates by default; off until a GPU has timed it). Elsewhere, or with NATIVE = False,
-  Inductor generates the code:
+  many pairs where the CPU has AMX-INT8). On GPU with TRITON = True (off until a GPU has timed them): the
+  hand-written Triton kernels, triton_decode.py for few pairs (gate_up with its gate, and down with the routing
+  weights' sum, one kernel each where the module gates by default), triton_grouped.py for many (codes
+  dequantized in registers, tensor-core products). Elsewhere, or with NATIVE = False, Inductor generates the code:
 decode_linear (few token-expert pairs): plain PyTorch that Inductor (torch.compile) turns into one
   loop nest per projection and bit-width, C++ on CPU and Triton on GPU. Each width's loop nest runs
   over all pairs with the other widths' pairs masked out, or, for big experts on CPU, over its own pairs
@@ -43,10 +43,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_
 from . import native, packing
 from .tensors import DynaMoExperts, _PackedWeight, experts_by_width
 
-try:                          # the hand-written GPU kernel (TRITON below) where the triton package is installed
-    from . import triton_decode
+try:                          # the hand-written GPU kernels (TRITON below) where the triton package is installed
+    from . import triton_decode, triton_grouped
 except ImportError:
-    triton_decode = None
+    triton_decode = triton_grouped = None
 
 NAME = "dynamoq"
 aten = torch.ops.aten
@@ -203,8 +203,8 @@ def _nk(w) -> tuple[int, int]:
 # The native kernel (native.py: codes as bytes, int8 x, AVX-512 VNNI or AVX2) for every number of pairs on CPUs
 # that have it; False keeps Inductor's loops and the grouped path (the benchmark's A/B, their tests).
 NATIVE = True
-# The hand-written Triton kernel (triton_decode.py) for the decode path on GPU, in place of Inductor's loops: off
-# until a GPU has measured it (recipes/bench_gpu.sh runs it beside them).
+# The hand-written Triton kernels on GPU (triton_decode.py in place of Inductor's loops, triton_grouped.py in place
+# of the grouped path): off until a GPU has measured them (recipes/bench_gpu.sh runs them beside those).
 TRITON = False
 _TRITON_INTERPRET = triton_decode is not None and triton_decode.INTERPRET     # the kernel on CPU (tests)
 
@@ -394,9 +394,9 @@ def grouped_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the experts implementation -----------------------------------------------------------------
-def use_triton(w, x: torch.Tensor, ids: torch.Tensor) -> bool:
-    """Whether the decode product runs the Triton kernel (TRITON, on GPU or under Triton's interpreter, few pairs)."""
-    if not (TRITON and (x.device.type == "cuda" or _TRITON_INTERPRET) and not use_grouped(ids.shape[0], w.num_rows)):
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the products run the Triton kernels (TRITON, on GPU or under Triton's interpreter)."""
+    if not (TRITON and (x.device.type == "cuda" or _TRITON_INTERPRET)):
         return False
     if triton_decode is None:
         raise RuntimeError("dynamoq.kernels.TRITON = True needs the triton package (pip install triton)")
@@ -413,16 +413,18 @@ def _silu_gated(experts) -> bool:
 def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """y[s] = W[ids[s]] @ x[s] for a DynaMoExperts w, x [S, K] (or [T, K] with S = k T: pair s reads row
     s / k, a token's k experts), ids [S] -> [S, N] float32: the native kernel where it runs (it reads a token's
-    row once for its k pairs); else the decode path for few token-expert pairs, the grouped path for many."""
+    row once for its k pairs); else the decode path for few token-expert pairs, the grouped path for many (each by
+    a Triton kernel of ours where TRITON is on)."""
     if use_native(w, x):
         return native_linear(w, x, ids)
-    if use_triton(w, x, ids):
+    grouped = use_grouped(ids.shape[0], w.num_rows)
+    if use_triton(x) and not grouped:
         return triton_decode.linear(w, x, ids)
+    if use_triton(x) and triton_grouped.supports(w):
+        return triton_grouped.linear(w, x, ids)
     if guard_or_true(x.shape[0] != ids.shape[0]):          # (unbacked token counts: T != k T)
         x = x.repeat_interleave(ids.shape[0] // x.shape[0], dim=0)                 # [S, K]
-    if use_grouped(ids.shape[0], w.num_rows):
-        return grouped_linear(w, x, ids)
-    return decode_linear(w, x, ids)
+    return grouped_linear(w, x, ids) if grouped else decode_linear(w, x, ids)
 
 
 def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -432,7 +434,8 @@ def dynamoq_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
     ids = top_k_index.reshape(-1)                                          # [S = T * k]
-    if isinstance(self.down_proj, DynaMoExperts) and use_triton(first, hidden_states, ids) and _silu_gated(self):
+    if (isinstance(self.down_proj, DynaMoExperts) and use_triton(hidden_states) and _silu_gated(self)
+            and not use_grouped(ids.shape[0], first.num_rows)):
         # two Triton kernels: gate_up with the gate, then down with the routing weights' sum (launches dominate decode)
         h = triton_decode.gated(first, hidden_states, ids)                          # [S, I]
         return triton_decode.combined(self.down_proj, h, ids, top_k_weights).to(hidden_states.dtype)

@@ -14,7 +14,7 @@ gates as transformers does by default (kernels._silu_gated) takes two kernels: g
 (gated), then down with each token's sum over its pairs, weighted by the router (combined).
 
 Not measured on a GPU yet (none was lent since it was written): off by default (kernels.TRITON), checked against
-the dequantized product under Triton's interpreter and traced by torch.compile (tests/test_triton_decode.py);
+the dequantized product under Triton's interpreter and traced by torch.compile (tests/test_triton_kernels.py);
 recipes/bench_gpu.sh measures it beside Inductor's loops, and on a GPU each shape's first call picks the rows per
 program and warps (_TUNED). Importing this module needs the triton package (on a CUDA machine it comes with
 torch; on CPU only TRITON_INTERPRET=1 runs the kernel); kernels.py imports it where triton is installed.
@@ -185,18 +185,25 @@ def triton_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, met
     return y
 
 
-def _call(w, x, ids, weights=None, gated=False, pairs=0):
-    xf = x.float().contiguous()
+def codes_and_cache(w, x, ids):
+    """A DynaMoExperts w as the kernels take it: meta [E, 2] int32 (each expert's bits and slot among the experts of
+    its width), the codes of each width of packing.BITS (another width's for a width without experts) and the
+    switching cache (cache_idx [E, r], cache_delta [E, N, r]; r = 0 without one)."""
     meta = torch.tensor([v for pair in w._slots() for v in pair], dtype=torch.int32, device=x.device)  # [E, 2]
     codes = [getattr(w, f"q{b}") for b in packing.BITS]
     some = next(c for c in codes if c is not None)
     if w.cache_idx is None:
-        cache = (ids.new_zeros(w.num_rows, 0), xf.new_zeros(w.num_rows, 0, 0))
+        cache = (ids.new_zeros(w.num_rows, 0), x.new_zeros(w.num_rows, 0, 0, dtype=torch.float32))
     else:
         cache = (w.cache_idx, w.cache_delta)
+    return meta, [some if c is None else c for c in codes], cache
+
+
+def _call(w, x, ids, weights=None, gated=False, pairs=0):
+    xf = x.float().contiguous()
+    meta, codes, cache = codes_and_cache(w, xf, ids)
     return triton_decode(xf, ids.contiguous(), xf if weights is None else weights.reshape(-1).contiguous(), meta,
-                         *(some if c is None else c for c in codes), w.scale, w.zero, *cache, w.group_size, gated,
-                         pairs)
+                         *codes, w.scale, w.zero, *cache, w.group_size, gated, pairs)
 
 
 def linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@
 # 16 tokens replayed as CUDA graphs, into kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an
 # OLMoE-shaped model (E2E_S); the other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
 # machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
-# The "(Triton kernel)" rows time dynamoq/triton_decode.py, off by default (dynamoq.kernels.TRITON) until they
-# beat Inductor's loops here; their error column compares them with those loops run eagerly (correctness).
+# The "(Triton kernel)" rows time dynamoq/triton_decode.py (1 and 16 tokens) and dynamoq/triton_grouped.py (128
+# tokens), off by default (dynamoq.kernels.TRITON) until they beat the default paths here (Inductor's loops; the
+# grouped path of 16-bit copies); their error column compares them with those run eagerly (correctness).
 # Wheels in .whl/ (a machine with no network and other package versions) are installed to /tmp/site first.
 # The lent H200 had torch 2.11, transformers 5.17 and no torchao (2026-11-29); fetch the pinned ones with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

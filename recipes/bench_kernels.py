@@ -10,7 +10,8 @@ switched to 8 bits (switching neither recompiles nor should slow the fused path:
 corrections cost) or none (the kernel skips zero corrections: this row says a cache costs nothing until
 used); on a CPU with the native kernel (dynamoq/native.py) also DynaMo mixed without it, "(Inductor loops)",
 and where it has AMX-INT8, without its AMX path, "(no AMX)"; on a GPU also uniform 3-bit and DynaMo mixed by
-the hand-written Triton kernel (dynamoq/triton_decode.py), "(Triton kernel)". Plus end-to-end
+the hand-written Triton kernels (dynamoq/triton_decode.py; dynamoq/triton_grouped.py for many pairs),
+"(Triton kernel)". Plus end-to-end
 decode of the real reference model (dynamoq.models.reference("real")), quantized (the experts; the experts
 and the attention at 8 bits; those and the output head at 8 bits) against bf16 with grouped_mm and with
 batched_mm, with its perplexity through the decode path (on a GPU, which has no copy of it: an
@@ -234,13 +235,13 @@ CACHED = "dynamoq mixed 2/4/6/8, 1% cache, nothing switched"     # the kernel sk
 
 
 NO_AMX = "(no AMX)"                            # ... the native kernel without its AMX path (prefill)
-TRITON = "(Triton kernel)"                     # ... decode by the hand-written Triton kernel (GPU: triton_decode.py)
+TRITON = "(Triton kernel)"                     # ... by the hand-written Triton kernels (GPU: triton_*.py)
 
 
 @contextlib.contextmanager
 def kernels_of(name: str):
-    """The decode kernels a variant's name asks for (its suffix): Inductor's loops, the Triton kernel, or the
-    defaults (the native kernel on CPU, Inductor's loops on GPU)."""
+    """The kernels a variant's name asks for (its suffix): Inductor's loops, the Triton kernels, or the defaults
+    (the native kernel on CPU; on GPU Inductor's loops, and the grouped path for many pairs)."""
     with native_kernel(not name.endswith(INDUCTOR)), triton_kernel(name.endswith(TRITON)):
         yield
 
@@ -317,7 +318,9 @@ def measure(fns: dict, xs: list, runs: int, reps: int = 1) -> dict:
 
 def rel_error(layer, f, x, name: str = "") -> float:
     """Compiled output against the same layer run eagerly: |y - y_eager| / |y_eager|; eager with the kernels of its
-    name, but a Triton kernel's row against Inductor's loops (both fp32 products: they agree to float rounding)."""
+    name, but a Triton kernel's row against the default GPU paths (Inductor's loops for few pairs, fp32 products
+    as the decode kernel's; the grouped path for many, 16-bit products as the grouped kernel's): they agree to
+    rounding."""
     with torch.no_grad(), kernels_of(name.removesuffix(f" {TRITON}")):
         ref = layer(x).float()
     return ((f(x).float() - ref).norm() / ref.norm()).item()
@@ -343,9 +346,9 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
         names.append(f"dynamoq mixed 2/4/6/8 {INDUCTOR}")
         if dynamoq.native.amx():                                 # and its AMX path's
             names.append(f"dynamoq mixed 2/4/6/8 {NO_AMX}")
-    if DEVICE.type == "cuda":                                   # the hand-written Triton kernel's A/B
+    if DEVICE.type == "cuda":                                   # the hand-written Triton kernels' A/B
         names += [f"dynamoq 3-bit {TRITON}", f"dynamoq mixed 2/4/6/8 {TRITON}"]
-        why = f"error vs eager of a {TRITON} row: against Inductor's loops run eagerly (its check of correctness)"
+        why = f"error vs eager of a {TRITON} row: against the default GPU paths run eagerly (its check of correctness)"
         notes += [why] if why not in notes else []
     if args.variants:                 # a name exactly, or a part of names
         names = [n for n in names if any(v == n or (v not in names and v in n) for v in args.variants)]

@@ -1,6 +1,6 @@
-"""The hand-written Triton decode kernel (dynamoq/triton_decode.py) against the dequantized weights, run by
-Triton's interpreter on CPU (TRITON_INTERPRET=1, in a subprocess: the variable must be set before triton loads),
-and traced by torch.compile.
+"""The hand-written Triton kernels (dynamoq/triton_decode.py, dynamoq/triton_grouped.py) against the dequantized
+weights, run by Triton's interpreter on CPU (TRITON_INTERPRET=1, in a subprocess: the variable must be set before
+triton loads), and traced by torch.compile.
 Where the triton package is not importable here, bash .ci/setup installs it into .ci/triton (the package alone:
 this CPU torch needs nothing else from it), which this test puts on the subprocess's path."""
 import importlib.util
@@ -57,6 +57,36 @@ assert t.cache_delta.abs().sum() > 0
 check(t, torch.randn(4, K), torch.tensor([0, 1, 2, 7]), "switched cache")
 assert triton_decode.linear(t, torch.randn(0, K), torch.zeros(0, dtype=torch.long)).shape == (0, N)
 
+# the grouped (prefill) kernel: pairs sorted by expert, an expert with none, one with more than a block of pairs
+# (BLOCKS), fp32 and fp16 x (Triton 3.9's interpreter gets bf16 products wrong: bf16 x is computed in fp32 here)
+from dynamoq import triton_grouped
+
+
+def check_grouped(t, x, ids, what):
+    y, ref = triton_grouped.linear(t, x, ids), reference(t, x, ids)
+    assert y.shape == ref.shape and y.dtype == torch.float32, (what, y.shape, y.dtype)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (what, (y - ref).abs().max().item())
+    print("ok", what, flush=True)
+
+
+for bits in [(2,) * 4, (3,) * 4, (4,) * 4, (6,) * 4, (8,) * 4, MIXED]:
+    for g in (16, 32, 192):
+        t = experts(bits, g)
+        ids = torch.cat([torch.zeros(20, dtype=torch.long), torch.randint(1, len(bits) - 1, (20,))])[torch.randperm(40)]
+        check_grouped(t, torch.randn(40, K), ids, f"grouped, bits {bits} g{g}")
+        check_grouped(t, torch.randn(20, K).half(), ids, f"grouped, bits {bits} g{g}, fp16 x shared by 2 pairs")
+check_grouped(experts(MIXED, 32), torch.randn(10, K).bfloat16(), torch.randint(0, 8, (20,)), "grouped, bf16 x")
+t = experts(MIXED, 64, cache=5)
+for e in range(0, t.num_rows, 2):
+    t.cache_delta[e].copy_(_requantize(t, e, 8 if t.expert_bits[e] < 8 else 2))
+check_grouped(t, torch.randn(30, K), torch.randint(0, 8, (30,)), "grouped, switched cache")
+assert triton_grouped.linear(t, torch.randn(0, K), torch.zeros(0, dtype=torch.long)).shape == (0, N)
+t = experts(MIXED, 8)                               # groups of 8: too narrow for tl.dot, the grouped path instead
+assert not triton_grouped.supports(t)
+with kernels.native_kernel(False), kernels.triton_kernel(True):
+    x, ids = torch.randn(40, K), torch.randint(0, 8, (40,))
+    assert torch.allclose(kernels.expert_linear(t, x, ids), reference(t, x, ids), atol=1e-4, rtol=1e-4)
+
 # gate_up with the gate (rows [gate; up]) and down with the routing weights' sum, switched cache included
 for cache in (0, 5):
     t = experts(MIXED, 64, cache=cache)
@@ -81,20 +111,25 @@ for name in ("gate_up_proj", "down_proj"):
     w = getattr(blk.experts, name).data.normal_(0, 0.05)
     setattr(blk.experts, name, torch.nn.Parameter(DynaMoExperts.from_float(w, MIXED, 32), requires_grad=False))
 blk.experts.config._experts_implementation = "dynamoq"
-x = torch.randn(1, 5, 128)
 calls = []
-real = triton_decode._call
+real, real_grouped = triton_decode._call, triton_grouped.linear
 triton_decode._call = lambda *a, **k: calls.append(k) or real(*a, **k)
-with torch.no_grad(), kernels.native_kernel(False):
-    loops = blk(x)
-    with kernels.triton_kernel(True):
-        fused = blk(x)
-assert calls == [{"gated": True}, {"pairs": 2}], calls            # two kernels: gate_up + gate, down + sum
-assert torch.allclose(fused, loops, atol=1e-5, rtol=1e-4), (fused - loops).abs().max().item()
-print("ok block", flush=True)
+triton_grouped.linear = lambda *a: calls.append("grouped") or real_grouped(*a)
+# 5 tokens: two decode kernels (gate_up + gate, down + sum); 40 tokens (80 pairs, 8 experts): two grouped products
+for tokens, expect_calls in ((5, [{"gated": True}, {"pairs": 2}]), (40, ["grouped", "grouped"])):
+    x = torch.randn(1, tokens, 128)
+    calls.clear()
+    with torch.no_grad(), kernels.native_kernel(False):
+        loops = blk(x)
+        with kernels.triton_kernel(True):
+            fused = blk(x)
+    assert calls == expect_calls, calls
+    assert torch.allclose(fused, loops, atol=1e-5, rtol=1e-4), (fused - loops).abs().max().item()
+    print("ok block", tokens, "tokens", flush=True)
 
-# whole tiny models of several families, quantized, a 3-token forward (the decode path): the same logits as
-# Inductor's loops give; families that gate by default take the two fused kernels, the others one per projection
+# whole tiny models of several families, quantized, a 3-token forward (the decode path) and a 40-token one (the
+# grouped kernel): the same logits as Inductor's loops and the grouped path give; at decode, families that gate by
+# default take the two fused kernels, the others one per projection
 import sys
 sys.path.insert(0, "tests")
 import dynamoq
@@ -106,15 +141,19 @@ for mt, fused_path in [("mixtral", True), ("qwen2_moe", True), ("deepseek_v3", T
     m = AutoModelForCausalLM.from_config(tiny_config(mt)).float().eval()
     bits = {b.layer: [(2, 3, 4, 8)[e % 4] for e in range(b.num_experts)] for b in dynamoq.moe_blocks(m)}
     dynamoq.quantize_(m, dynamoq.DynaMoConfig(expert_bits=bits, group_size=32), progress=False)
-    ids = torch.randint(1, 100, (1, 3))
-    with torch.no_grad(), kernels.native_kernel(False):
-        loops = m(ids).logits
-        calls.clear()
-        with kernels.triton_kernel(True):
-            logits = m(ids).logits
-    assert calls and all(("gated" in c or "pairs" in c) == fused_path for c in calls), (mt, calls)
-    assert torch.allclose(logits, loops, atol=1e-4, rtol=1e-4), (mt, (logits - loops).abs().max().item())
-    print("ok family", mt, flush=True)
+    for tokens in (3, 40):
+        ids = torch.randint(1, 100, (1, tokens))
+        with torch.no_grad(), kernels.native_kernel(False):
+            loops = m(ids).logits
+            calls.clear()
+            with kernels.triton_kernel(True):
+                logits = m(ids).logits
+        if tokens == 3:
+            assert calls and all(("gated" in c or "pairs" in c) == fused_path for c in calls), (mt, calls)
+        else:
+            assert calls and set(calls) == {"grouped"}, (mt, calls)
+        assert torch.allclose(logits, loops, atol=1e-4, rtol=1e-4), (mt, tokens, (logits - loops).abs().max().item())
+        print("ok family", mt, tokens, "tokens", flush=True)
 '''
 
 # torch.compile (fullgraph) of a block with the kernel on: the graph Inductor would get holds the two Triton kernels
@@ -122,6 +161,7 @@ for mt, fused_path in [("mixtral", True), ("qwen2_moe", True), ("deepseek_v3", T
 TRACE = r'''
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from transformers import AutoConfig
 import transformers.models.olmoe.modeling_olmoe as mo
 from dynamoq import DynaMoExperts, kernels
@@ -146,15 +186,22 @@ def backend(gm, example_inputs):
     return aot_module_simplified(gm, example_inputs, fw_compiler=compiler)
 
 
-with torch.no_grad(), kernels.native_kernel(False), kernels.triton_kernel(True):
-    try:
-        x = torch.randn(1, 5, 128)
-        torch._dynamo.mark_dynamic(x, 1)            # the token count dynamic: symbolic sizes and grids
-        torch.compile(blk, fullgraph=True, backend=backend)(x)
-    except NotImplementedError:
-        pass
-print("graphs", len(graphs))
-print("kernels", sum("triton_kernel_wrapper" in str(n.target) for n in graphs[0].graph.nodes))
+for tokens in (5, 40):                               # decode (10 pairs), prefill (80 pairs: the grouped kernel)
+    torch._dynamo.reset()
+    graphs.clear()
+    with torch.no_grad(), kernels.native_kernel(False), kernels.triton_kernel(True):
+        try:
+            x = torch.randn(1, tokens, 128)
+            torch._dynamo.mark_dynamic(x, 1)        # the token count dynamic: symbolic sizes and grids
+            torch.compile(blk, fullgraph=True, backend=backend)(x)
+        except NotImplementedError:
+            pass
+    names = []
+    for n in graphs[0].graph.nodes:
+        if "triton_kernel_wrapper" in str(n.target):
+            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            names.append(getattr(k, "fn", k).__name__)      # (an autotuner holds the kernel as .fn)
+    print(f"{tokens} tokens: graphs {len(graphs)} kernels {names}")
 '''
 
 
@@ -174,7 +221,7 @@ def test_triton_kernel_matches_the_dequantized_weights_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", CHECKS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     done = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
-    assert len(done) == 6 * 3 * 2 + 4 + 5, done      # every case ran
+    assert len(done) == 6 * 3 * 2 + 1 + 6 * 3 * 2 + 2 + 2 + 2 + 5 * 2, done      # every case ran
 
 
 def test_triton_kernel_lands_in_the_compiled_graph():
@@ -184,7 +231,9 @@ def test_triton_kernel_lands_in_the_compiled_graph():
     env.pop("TRITON_INTERPRET")
     r = subprocess.run([sys.executable, "-c", TRACE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "graphs 1" in r.stdout and "kernels 2" in r.stdout, r.stdout     # one graph, gate_up's and down's kernel
+    # one graph each: gate_up's and down's decode kernel at 5 tokens, their grouped products at 40
+    assert "5 tokens: graphs 1 kernels ['_decode', '_decode']" in r.stdout, r.stdout
+    assert "40 tokens: graphs 1 kernels ['_grouped', '_grouped']" in r.stdout, r.stdout
 
 
 def test_asking_for_the_triton_kernel_without_triton_says_what_is_missing(monkeypatch):
