@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(os.environ.get("DYNAMOQ_TRITON_SITE", ROOT / ".ci" / "triton"))
 
 CHECKS = r'''
+import functools
 import torch
 from transformers import AutoConfig
 import transformers.models.olmoe.modeling_olmoe as mo
@@ -37,8 +38,8 @@ def reference(t, x, ids):
     return torch.einsum("snk,sk->sn", t.dequantize_nk(torch.float32)[ids], x.float().repeat_interleave(per, 0))
 
 
-def check(t, x, ids, what):
-    y, ref = triton_decode.linear(t, x, ids), reference(t, x, ids)
+def check(t, x, ids, what, kernel=triton_decode.linear):
+    y, ref = kernel(t, x, ids), reference(t, x, ids)
     assert y.shape == ref.shape and y.dtype == torch.float32, (what, y.shape, y.dtype)
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (what, (y - ref).abs().max().item())
     print("ok", what, flush=True)
@@ -60,14 +61,7 @@ assert triton_decode.linear(t, torch.randn(0, K), torch.zeros(0, dtype=torch.lon
 # the grouped (prefill) kernel: pairs sorted by expert, an expert with none, one with more than a block of pairs
 # (BLOCKS), fp32 and fp16 x (Triton 3.9's interpreter gets bf16 products wrong: bf16 x is computed in fp32 here)
 from dynamoq import triton_grouped
-
-
-def check_grouped(t, x, ids, what):
-    y, ref = triton_grouped.linear(t, x, ids), reference(t, x, ids)
-    assert y.shape == ref.shape and y.dtype == torch.float32, (what, y.shape, y.dtype)
-    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (what, (y - ref).abs().max().item())
-    print("ok", what, flush=True)
-
+check_grouped = functools.partial(check, kernel=triton_grouped.linear)
 
 for bits in [(2,) * 4, (3,) * 4, (4,) * 4, (6,) * 4, (8,) * 4, MIXED]:
     for g in (16, 32, 192):
