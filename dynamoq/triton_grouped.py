@@ -9,7 +9,7 @@ expert's pairs in blocks of BM (sorted by expert, kernels.use_grouped: many pair
 dimension, loads each plane's code bytes (packing.py: byte l of chunk h holds the inputs h * c * L + p * L + l),
 takes the c parts out with shifts and masks into one [BN, c * bytes] tile of integer codes, loads the pairs' x
 at the matching inputs and multiplies the two exactly (codes <= 255 are exact in bf16 and fp16; the products
-are summed in fp32); then scale * (sum q x - zero * sum x) per group, as every other path, plus a switching
+are summed in fp32; fp32 x in two tf32 parts, tf32x3); then scale * (sum q x - zero * sum x) per group, as every other path, plus a switching
 cache's correction. Nothing but the codes is read from memory, and each code byte once per BM pairs.
 
 Not measured on a GPU yet (none was lent since it was written): on with kernels.TRITON, like triton_decode.py,
@@ -31,54 +31,67 @@ MIN_GROUP = 16
 
 @triton.jit
 def _plane_dot(codes, row_bytes, start, rows, mask_n, x, xr, mask_m, g, K: tl.constexpr, GS: tl.constexpr,
-               L: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, BGP: tl.constexpr, IEEE: tl.constexpr):
+               L: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, BGP: tl.constexpr, F32: tl.constexpr):
     # group g of one plane of width W at byte `start` of each row, times the pairs' x -> [BM, BN] fp32:
     # sum over the group's inputs of (plane value << OFF) * x
     BG: tl.constexpr = GS * W // 8            # bytes per group
     C: tl.constexpr = 8 // W                  # codes per byte
-    BN: tl.constexpr = rows.shape[0]
-    j = tl.arange(0, BGP)                     # byte of the group (padded to a power of two)
-    p = tl.arange(0, C)                       # part of the byte
+    f = tl.arange(0, C * BGP)                 # part f / BGP of byte f % BGP of the group (padded to a power of two)
+    j, p = f % BGP, f // BGP
     mj = j < BG
     byte = tl.load(codes + rows[:, None] * row_bytes + start + g * BG + j[None, :],
-                   mask=mask_n[:, None] & mj[None, :], other=0).to(tl.int32)                  # [BN, BGP]
-    q = tl.reshape((byte[:, None, :] >> (W * p)[None, :, None]) & ((1 << W) - 1), (BN, C * BGP))
-    k = tl.reshape(g * GS + (j // L * (C * L) + j % L)[None, :] + (p * L)[:, None], (C * BGP,))    # input of each
-    mk = tl.reshape(mj[None, :] & (p < C)[:, None], (C * BGP,))
-    xt = tl.load(x + xr[:, None] * K + k[None, :], mask=mask_m[:, None] & mk[None, :], other=0.0)  # [BM, C * BGP]
-    if IEEE:                                  # fp32 x: exact products (no tf32)
-        t = tl.dot(xt, tl.trans(q.to(tl.float32)), input_precision="ieee")
+                   mask=mask_n[:, None] & mj[None, :], other=0)                                  # [BN, C * BGP]
+    q = (byte >> (W * p).to(tl.uint8)[None, :]) & ((1 << W) - 1)
+    k = g * GS + j // L * (C * L) + p * L + j % L                                               # input of each
+    xt = tl.load(x + xr[:, None] * K + k[None, :], mask=mask_m[:, None] & mj[None, :], other=0.0)  # [BM, C * BGP]
+    if F32:                                   # fp32 x: split in two tf32 parts (tf32x3), near fp32
+        t = tl.dot(xt, tl.trans(q.to(tl.float32)), input_precision="tf32x3")
     else:                                     # bf16 / fp16 x: the codes are exact in its type
         t = tl.dot(xt, tl.trans(q.to(xt.dtype)))
     return t * (1 << OFF)
 
 
 @triton.jit
-def _width_tile(q, slot, e, x, xsum, xr, mask_m, scale, zero, rows, mask_n, N, K: tl.constexpr, G: tl.constexpr,
-                GS: tl.constexpr, L: tl.constexpr, W1: tl.constexpr, P1: tl.constexpr, W2: tl.constexpr,
-                OFF2: tl.constexpr, P2: tl.constexpr, IEEE: tl.constexpr):
+def _expert(q, slot, e, start, end, order, x, xsum, scale, zero, cache_idx, cache_delta, y, rows, mask_n, N, PER,
+            K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, L: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+            W1: tl.constexpr, P1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr, P2: tl.constexpr,
+            F32: tl.constexpr, BM: tl.constexpr):
     # rows of expert e (slot among the experts of its width: codes q [E_b, N, K * (W1 + W2) / 8], planes as
-    # packing.PLANES: W1 at offset 0, then W2 at offset OFF2 where W2 > 0) times the pairs' x rows xr -> [BM, BN]
+    # packing.PLANES: W1 at offset 0, then W2 at offset OFF2 where W2 > 0) times its pairs order[start:end], BM at
+    # a time, into y (one width per call, so that one width's addresses are live at a time)
     ROW: tl.constexpr = K * (W1 + W2) // 8
     base = q + slot * N * ROW
-    acc = tl.zeros([xr.shape[0], rows.shape[0]], tl.float32)
-    for g in range(G):
-        t = _plane_dot(base, ROW, 0, rows, mask_n, x, xr, mask_m, g, K, GS, L, W1, 0, P1, IEEE)
-        if W2 > 0:
-            t += _plane_dot(base, ROW, K * W1 // 8, rows, mask_n, x, xr, mask_m, g, K, GS, L, W2, OFF2, P2, IEEE)
-        at = (e * N + rows) * G + g
-        sc = tl.load(scale + at, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(zero + at, mask=mask_n, other=0).to(tl.float32)
-        xs = tl.load(xsum + xr * G + g, mask=mask_m, other=0.0)
-        acc += t * sc[None, :] - xs[:, None] * (z * sc)[None, :]
-    return acc
+    for m0 in range(start, end, BM):
+        i = m0 + tl.arange(0, BM)
+        mask_m = i < end
+        pair = tl.load(order + i, mask=mask_m, other=0).to(tl.int64)
+        xr = pair // PER
+        acc = tl.zeros([BM, rows.shape[0]], tl.float32)
+        for g in range(G):
+            t = _plane_dot(base, ROW, 0, rows, mask_n, x, xr, mask_m, g, K, GS, L, W1, 0, P1, F32)
+            if W2 > 0:
+                t += _plane_dot(base, ROW, K * W1 // 8, rows, mask_n, x, xr, mask_m, g, K, GS, L, W2, OFF2, P2, F32)
+            at = (e * N + rows) * G + g
+            sc = tl.load(scale + at, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(zero + at, mask=mask_n, other=0).to(tl.float32)
+            xs = tl.load(xsum + xr * G + g, mask=mask_m, other=0.0)
+            acc += t * sc[None, :] - xs[:, None] * (z * sc)[None, :]
+        if R > 0:                   # cache_idx [E, R], cache_delta [E, N, R]: sum_i delta[n, i] * x[idx[i]]
+            c = tl.arange(0, RP)
+            mc = c < R
+            idx = tl.load(cache_idx + e * R + c, mask=mc, other=0)
+            xg = tl.load(x + xr[:, None] * K + idx[None, :], mask=mask_m[:, None] & mc[None, :], other=0.0)
+            d = tl.load(cache_delta + (e * N + rows)[:, None] * R + c[None, :], mask=mask_n[:, None] & mc[None, :],
+                        other=0.0)
+            acc += tl.dot(xg.to(tl.float32), tl.trans(d.to(tl.float32)), input_precision="tf32x3")
+        tl.store(y + pair[:, None] * N + rows[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _grouped(x, xsum, order, offs, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, N, PER,
              K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
              RP: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B4: tl.constexpr, B8: tl.constexpr,
-             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+             F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # x [X, K], xsum [X, G] fp32 its sums per group, order [S] the pairs sorted by expert, offs [E + 1] where each
     # expert's run of them starts, meta [E, 2] int32 (bits, slot among the experts of its width), q{b}
     # [E_b, N, K * b / 8] uint8, scale [E, N, G] fp16, zero [E, N, G] uint8; pair s reads x row s / PER; B{w}: a
@@ -90,44 +103,31 @@ def _grouped(x, xsum, order, offs, meta, q2, q3, q4, q6, q8, scale, zero, cache_
     slot = tl.load(meta + 2 * e + 1).to(tl.int64)
     rows = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     mask_n = rows < N
-    for m0 in range(start, end, BM):
-        i = m0 + tl.arange(0, BM)
-        mask_m = i < end
-        pair = tl.load(order + i, mask=mask_m, other=0).to(tl.int64)
-        xr = pair // PER
-        if b == 2:
-            acc = _width_tile(q2, slot, e, x, xsum, xr, mask_m, scale, zero, rows, mask_n, N, K, G, GS, L, 2, B2,
-                              0, 0, 1, IEEE)
-        elif b == 3:
-            acc = _width_tile(q3, slot, e, x, xsum, xr, mask_m, scale, zero, rows, mask_n, N, K, G, GS, L, 2, B2,
-                              1, 2, B1, IEEE)
-        elif b == 4:
-            acc = _width_tile(q4, slot, e, x, xsum, xr, mask_m, scale, zero, rows, mask_n, N, K, G, GS, L, 4, B4,
-                              0, 0, 1, IEEE)
-        elif b == 6:
-            acc = _width_tile(q6, slot, e, x, xsum, xr, mask_m, scale, zero, rows, mask_n, N, K, G, GS, L, 4, B4,
-                              2, 4, B2, IEEE)
-        else:
-            acc = _width_tile(q8, slot, e, x, xsum, xr, mask_m, scale, zero, rows, mask_n, N, K, G, GS, L, 8, B8,
-                              0, 0, 1, IEEE)
-        if R > 0:                   # cache_idx [E, R], cache_delta [E, N, R]: sum_i delta[n, i] * x[idx[i]]
-            c = tl.arange(0, RP)
-            mc = c < R
-            idx = tl.load(cache_idx + e * R + c, mask=mc, other=0)
-            xg = tl.load(x + xr[:, None] * K + idx[None, :], mask=mask_m[:, None] & mc[None, :], other=0.0)
-            d = tl.load(cache_delta + (e * N + rows)[:, None] * R + c[None, :], mask=mask_n[:, None] & mc[None, :],
-                        other=0.0)
-            acc += tl.dot(xg.to(tl.float32), tl.trans(d.to(tl.float32)), input_precision="ieee")
-        tl.store(y + pair[:, None] * N + rows[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    if b == 2:
+        _expert(q2, slot, e, start, end, order, x, xsum, scale, zero, cache_idx, cache_delta, y, rows, mask_n, N, PER,
+                K, G, GS, L, R, RP, 2, B2, 0, 0, 1, F32, BM)
+    elif b == 3:
+        _expert(q3, slot, e, start, end, order, x, xsum, scale, zero, cache_idx, cache_delta, y, rows, mask_n, N, PER,
+                K, G, GS, L, R, RP, 2, B2, 1, 2, B1, F32, BM)
+    elif b == 4:
+        _expert(q4, slot, e, start, end, order, x, xsum, scale, zero, cache_idx, cache_delta, y, rows, mask_n, N, PER,
+                K, G, GS, L, R, RP, 4, B4, 0, 0, 1, F32, BM)
+    elif b == 6:
+        _expert(q6, slot, e, start, end, order, x, xsum, scale, zero, cache_idx, cache_delta, y, rows, mask_n, N, PER,
+                K, G, GS, L, R, RP, 4, B4, 2, 4, B2, F32, BM)
+    else:
+        _expert(q8, slot, e, start, end, order, x, xsum, scale, zero, cache_idx, cache_delta, y, rows, mask_n, N, PER,
+                K, G, GS, L, R, RP, 8, B8, 0, 0, 1, F32, BM)
 
 
 # On a GPU the first call of each shape times these and keeps the fastest (pairs and rows per program, warps,
-# pipeline stages); under the interpreter (tests) the kernel runs as written, BLOCKS a program.
+# pipeline stages); under the interpreter (tests) the kernel runs as written, BLOCKS a program. Compiled for sm_90
+# without a GPU (Triton 3.9, bf16 x, groups of 128), each of these fits in registers (146-242 a thread, no spill);
+# bigger tiles spilled (64 x 128 rows and pairs: 80-424 bytes of stack a thread).
+TILES = ((16, 32, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2))
 _TUNED = _grouped if INTERPRET else triton.autotune(
-    [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s)
-     for m, n, w, s in ((16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3),
-                        (128, 64, 8, 2))],
-    key=["N", "K", "GS", "IEEE"])(_grouped)
+    [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in TILES],
+    key=["N", "K", "GS", "F32"])(_grouped)
 
 
 @torch.library.triton_op("dynamoq::triton_grouped", mutates_args={})
@@ -151,7 +151,7 @@ def triton_grouped(x: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, q2: t
         torch.library.wrap_triton(_TUNED)[lambda cfg: (e_, triton.cdiv(n, cfg["BN"]))](
             x, xsum, order, offs, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, n, s_ // x_rows,
             K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), R=r, RP=max(16, pow2(max(r, 1))), B1=pow2(gs // 8),
-            B2=pow2(gs // 4), B4=pow2(gs // 2), B8=pow2(gs), IEEE=x.dtype == torch.float32, **block)
+            B2=pow2(gs // 4), B4=pow2(gs // 2), B8=pow2(gs), F32=x.dtype == torch.float32, **block)
     return y
 
 

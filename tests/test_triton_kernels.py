@@ -198,6 +198,54 @@ for tokens in (5, 40):                               # decode (10 pairs), prefil
     print(f"{tokens} tokens: graphs {len(graphs)} kernels {names}")
 '''
 
+# Both kernels compiled for an H100 / H200 (sm_90) by Triton's own compiler and ptxas, no GPU needed: what the
+# interpreter does not check (types, layouts, shapes tl.dot accepts) fails here as it would on the device. Each
+# tile the grouped kernel autotunes over fits in registers (no stack) at bf16 and groups of 128.
+SM90 = r'''
+import re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dynamoq import packing, triton_decode, triton_grouped
+
+POINTERS = {"x": "*bf16", "xsum": "*fp32", "order": "*i64", "offs": "*i64", "ids": "*i64", "weights": "*fp32",
+            "meta": "*i32", "scale": "*fp16", "zero": "*u8", "cache_idx": "*i64", "cache_delta": "*fp32",
+            "y": "*fp32", **{f"q{b}": "*u8" for b in packing.BITS}}
+CUOBJDUMP = f"{triton.__path__[0]}/backends/nvidia/bin/cuobjdump"
+
+
+def stack_bytes(fn, consts, **options):
+    """Compile fn for sm_90 with 16-byte aligned pointers and N a multiple of 16 (as a launch specializes them);
+    -> bytes of stack (register spills) a thread."""
+    sig = {a: "constexpr" if a in consts else POINTERS.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in POINTERS or a == "N"}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return int(re.search(r"STACK:(\d+)", out).group(1))
+
+
+def shape(gs, r=0, K=2048):
+    p2 = triton.next_power_of_2
+    return dict(K=K, G=K // gs, GS=gs, L=packing.lanes(gs), R=r, B1=p2(gs // 8), B2=p2(gs // 4), B4=p2(gs // 2),
+                B8=p2(gs))
+
+
+print("tiles", len(triton_grouped.TILES))
+for m, n, w, st in triton_grouped.TILES:
+    consts = dict(shape(128), RP=16, F32=False, BM=m, BN=n)
+    print("grouped", (m, n, w, st), "stack", stack_bytes(triton_grouped._grouped, consts, num_warps=w, num_stages=st))
+POINTERS["x"] = "*fp32"
+print("grouped fp32 x, cache", stack_bytes(triton_grouped._grouped, dict(shape(192, r=21), RP=32, F32=True, BM=16,
+                                                                         BN=32), num_warps=4))
+steps = {f"GB{b}": 1 for b in packing.BITS}
+for gated, pairs in ((True, 0), (False, 8), (False, 0)):
+    consts = dict(shape(128, r=21), RP=32, BLOCK=32, GATED=gated, PAIRS=pairs, **steps)
+    print("decode", gated, pairs, "stack", stack_bytes(triton_decode._decode, consts, num_warps=4))
+'''
+
 
 def _env():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -228,6 +276,20 @@ def test_triton_kernel_lands_in_the_compiled_graph():
     # one graph each: gate_up's and down's decode kernel at 5 tokens, their grouped products at 40
     assert "5 tokens: graphs 1 kernels ['_decode', '_decode']" in r.stdout, r.stdout
     assert "40 tokens: graphs 1 kernels ['_grouped', '_grouped']" in r.stdout, r.stdout
+
+
+def test_triton_kernels_compile_for_the_gpu_and_fit_in_registers():
+    env = _env()
+    if env is None:
+        pytest.skip(f"triton is not installed here nor in {SITE} (bash .ci/setup installs it there)")
+    env.pop("TRITON_INTERPRET")
+    r = subprocess.run([sys.executable, "-c", SM90], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lines = r.stdout.splitlines()
+    tiles = [line for line in lines if line.startswith("grouped (")]
+    assert tiles and f"tiles {len(tiles)}" in lines and all(line.endswith("stack 0") for line in tiles), r.stdout
+    assert any(line.startswith("grouped fp32 x, cache") for line in lines), r.stdout
+    assert sum(line.startswith("decode ") for line in lines) == 3, r.stdout
 
 
 def test_asking_for_the_triton_kernel_without_triton_says_what_is_missing(monkeypatch):
