@@ -6,7 +6,9 @@
 # and DynaMo mixed by Inductor's loops and by the hand-written Triton kernel (FIRST_S); the same at 1 and
 # 16 tokens replayed as CUDA graphs, into kernels_gpu_cudagraphs (GRAPHS_S); end-to-end decode of an
 # OLMoE-shaped model (E2E_S); the other variants and 4 tokens (REST_S); the Qwen3 shape (QWEN3_S). A cold Inductor cache on the H200
-# machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order.
+# machine took 45-65 s per dynamoq variant and graph (2026-11-29), hence the order; the first step has two graphs
+# (decode, prefill) for each dynamoq variant, and the Triton kernels' autotuning on top (5 configurations for each of
+# the decode kernel's two modes and the grouped kernel's two projections: 20 compiles, 2-7 s each on our 2-core CPU), hence 400 s.
 # The "(Triton kernel)" rows time dynamoq/triton_decode.py (1 and 16 tokens) and dynamoq/triton_grouped.py (128
 # tokens), off by default (dynamoq.kernels.TRITON) until they beat the default paths here (Inductor's loops; the
 # grouped path of 16-bit copies); their error column compares them with those run eagerly (correctness).
@@ -36,7 +38,7 @@ step() {  # step SECONDS NAME ARGS...: one run of the benchmark, stopped after S
   echo "== rc $? after $((SECONDS - t0)) s"
 }
 MAIN=("bf16 grouped_mm" "dynamoq mixed 2/4/6/8" "dynamoq mixed 2/4/6/8 (Triton kernel)")
-step "${FIRST_S:-300}" kernels_gpu --shapes olmoe --tokens 1 16 128 --variants "${MAIN[@]}" --no-e2e
+step "${FIRST_S:-400}" kernels_gpu --shapes olmoe --tokens 1 16 128 --variants "${MAIN[@]}" --no-e2e
 # launch-bound at 1 token: the same rows replayed as CUDA graphs
 step "${GRAPHS_S:-150}" kernels_gpu_cudagraphs --cudagraphs --shapes olmoe --tokens 1 16 --variants "${MAIN[@]}" --no-e2e
 step "${E2E_S:-150}" kernels_gpu --shapes
