@@ -256,40 +256,36 @@ def _env():
     return env
 
 
-def test_triton_kernel_matches_the_dequantized_weights_under_the_interpreter():
+def _run(script: str, interpret: bool) -> str:
+    """script in a subprocess with triton importable (under its interpreter or not) -> its stdout."""
     env = _env()
     if env is None:
         pytest.skip(f"triton is not installed here nor in {SITE} (bash .ci/setup installs it there)")
-    r = subprocess.run([sys.executable, "-c", CHECKS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if not interpret:
+        env.pop("TRITON_INTERPRET")
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    done = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
+    return r.stdout
+
+
+def test_triton_kernel_matches_the_dequantized_weights_under_the_interpreter():
+    done = [line for line in _run(CHECKS, interpret=True).splitlines() if line.startswith("ok ")]
     assert len(done) == 6 * 3 * 2 + 1 + 6 * 3 * 2 + 2 + 2 + 2 + 5 * 2, done      # every case ran
 
 
 def test_triton_kernel_lands_in_the_compiled_graph():
-    env = _env()
-    if env is None:
-        pytest.skip(f"triton is not installed here nor in {SITE} (bash .ci/setup installs it there)")
-    env.pop("TRITON_INTERPRET")
-    r = subprocess.run([sys.executable, "-c", TRACE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = _run(TRACE, interpret=False)
     # one graph each: gate_up's and down's decode kernel at 5 tokens, their grouped products at 40
-    assert "5 tokens: graphs 1 kernels ['_decode', '_decode']" in r.stdout, r.stdout
-    assert "40 tokens: graphs 1 kernels ['_grouped', '_grouped']" in r.stdout, r.stdout
+    assert "5 tokens: graphs 1 kernels ['_decode', '_decode']" in out, out
+    assert "40 tokens: graphs 1 kernels ['_grouped', '_grouped']" in out, out
 
 
 def test_triton_kernels_compile_for_the_gpu_and_fit_in_registers():
-    env = _env()
-    if env is None:
-        pytest.skip(f"triton is not installed here nor in {SITE} (bash .ci/setup installs it there)")
-    env.pop("TRITON_INTERPRET")
-    r = subprocess.run([sys.executable, "-c", SM90], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    lines = r.stdout.splitlines()
+    lines = _run(SM90, interpret=False).splitlines()
     tiles = [line for line in lines if line.startswith("grouped (")]
-    assert tiles and f"tiles {len(tiles)}" in lines and all(line.endswith("stack 0") for line in tiles), r.stdout
-    assert any(line.startswith("grouped fp32 x, cache") for line in lines), r.stdout
-    assert sum(line.startswith("decode ") for line in lines) == 3, r.stdout
+    assert tiles and f"tiles {len(tiles)}" in lines and all(line.endswith("stack 0") for line in tiles), lines
+    assert any(line.startswith("grouped fp32 x, cache") for line in lines), lines
+    assert sum(line.startswith("decode ") for line in lines) == 3, lines
 
 
 def test_asking_for_the_triton_kernel_without_triton_says_what_is_missing(monkeypatch):
