@@ -14,7 +14,8 @@ gates as transformers does by default (kernels._silu_gated) takes two kernels: g
 (gated), then down with each token's sum over its pairs, weighted by the router (combined).
 
 Not measured on a GPU yet (none was lent since it was written): off by default (kernels.TRITON), checked against
-the dequantized product under Triton's interpreter and traced by torch.compile (tests/test_triton_kernels.py);
+the dequantized product under Triton's interpreter, traced by torch.compile and compiled for sm_90 without a GPU
+(tests/test_triton_kernels.py);
 recipes/bench_gpu.sh measures it beside Inductor's loops, and on a GPU each shape's first call picks the rows per
 program and warps (_TUNED). Importing this module needs the triton package (on a CUDA machine it comes with
 torch; on CPU only TRITON_INTERPRET=1 runs the kernel); kernels.py imports it where triton is installed.
