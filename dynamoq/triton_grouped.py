@@ -14,8 +14,8 @@ cache's correction. Nothing but the codes is read from memory, and each code byt
 
 Not measured on a GPU yet (none was lent since it was written): on with kernels.TRITON, like triton_decode.py,
 checked under Triton's interpreter against the dequantized product and compiled for sm_90 without a GPU
-(tests/test_triton_kernels.py); on a GPU the
-first call of each shape picks the tile (_TUNED). Group sizes of 16 and more (tl.dot multiplies >= 16 inputs).
+(tests/test_triton_kernels.py); on a GPU the first call of each shape picks the tile (_TUNED). Group sizes of 16
+and more (tl.dot multiplies >= 16 inputs).
 """
 from __future__ import annotations
 
