@@ -124,7 +124,7 @@ def _grouped(x, xsum, order, offs, meta, q2, q3, q4, q6, q8, scale, zero, cache_
 # On a GPU the first call of each shape times these and keeps the fastest (pairs and rows per program, warps,
 # pipeline stages); under the interpreter (tests) the kernel runs as written, BLOCKS a program. Compiled for sm_90
 # without a GPU (Triton 3.9, bf16 x, groups of 128), each of these fits in registers (146-242 a thread, no spill);
-# bigger tiles spilled (64 x 128 rows and pairs: 80-424 bytes of stack a thread).
+# bigger tiles spilled (32 or 64 pairs x 128 rows: 80-256 bytes of stack a thread).
 TILES = ((16, 32, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2))
 _TUNED = _grouped if INTERPRET else triton.autotune(
     [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in TILES],
