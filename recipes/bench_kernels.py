@@ -25,6 +25,11 @@ in 2 MB pages (huge_pages).
     python recipes/bench_kernels.py --shapes --name kernels_e2e        # end to end only
     python recipes/bench_kernels.py --tokens 128 --no-e2e --merge      # re-measure one size, keep the other rows
     python recipes/bench_kernels.py --variants bf16 dynamoq --no-e2e --merge   # all but torchao (slow to compile)
+    python recipes/bench_kernels.py --stack 4 --tokens 1 16 --no-e2e --merge   # per layer inside a 4-layer frame
+
+A layer compiled as a frame of its own pays torch.compile's entry on every call (its Python, guards and graph
+wrapper: ~0.3 ms from cold caches, a note gives it); a model compiled whole pays it once per decode step. --stack L
+times L distinct layers compiled as one frame, as a model runs them, and reports per-layer rows beside the others.
 
 Leave OMP_WAIT_POLICY unset: with PASSIVE, every parallel region wakes sleeping threads, and the
 many small kernels of a decode step at 2 threads ran 6.6x slower (24.1 -> 3.66 tokens/s end to end).
@@ -202,7 +207,9 @@ def variants(block, which):
 
 
 def storage_bits(layer) -> float:
-    """Bits per expert weight a decode reads: codes, scales, zeros, and a switching cache's deltas."""
+    """Bits per expert weight a decode reads: codes, scales, zeros, and a switching cache's deltas (of a Stack: its
+    first layer's)."""
+    layer = layer.layers[0] if isinstance(layer, Stack) else layer
     ws = [layer.experts._parameters[n] for n in PROJ]
     if isinstance(ws[0], DynaMoExperts):
         cache = cache_bits(layer) if ws[0].cache_idx is not None else 0.0
@@ -236,6 +243,7 @@ CACHED = "dynamoq mixed 2/4/6/8, 1% cache, nothing switched"     # the kernel sk
 
 NO_AMX = "(no AMX)"                            # ... the native kernel without its AMX path (prefill)
 TRITON = "(Triton kernel)"                     # ... by the hand-written Triton kernels (GPU: triton_*.py)
+STACK_LABEL = "per layer of a {}-layer stack"   # a row of --stack (appended to the variant's name)
 
 
 @contextlib.contextmanager
@@ -338,6 +346,28 @@ def triton_kernels(f, x) -> int:
     return sum(code.count("@triton.jit") for code in codes)
 
 
+class Stack(torch.nn.Module):
+    """Layers one after another with a residual sum, as in a model: compiled whole, one frame for all of them."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = hidden_states + layer(hidden_states)
+        return hidden_states
+
+
+def stacked(shape, names, depth: int):
+    """(block, {name: (a Stack of `depth` distinct layers of that variant, bits of its first layer's experts)},
+    failed): the stack mode's variants (--stack), each layer with its own weights (seeds 0 .. depth - 1)."""
+    blocks = [moe_layer(shape, seed=i) for i in range(depth)]
+    made = [variants(b, names) for b in blocks]
+    layers = {n: (Stack([m[0][n][0] for m in made]), made[0][0][n][1]) for n in made[0][0]}
+    return blocks[0], layers, made[0][1]
+
+
 def run_shape(shape, args, rows, notes, on_rows=lambda: None):
     block = moe_layer(shape)
     names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
@@ -352,7 +382,15 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
         notes += [why] if why not in notes else []
     if args.variants:                 # a name exactly, or a part of names
         names = [n for n in names if any(v == n or (v not in names and v in n) for v in args.variants)]
-    layers, failed = variants(block, names)
+    if args.stack > 1:                # fullgraph variants only (torchao's break the graph)
+        block, layers, failed = stacked(shape, [n for n in names if not n.startswith("torchao")], args.stack)
+        note = (f"{STACK_LABEL.format(args.stack)}: {args.stack} layers of the shape, each with its own weights, one "
+                f"after another with a residual sum, compiled as one frame (as a model compiled whole runs them): "
+                f"per-layer ms is a call's time / {args.stack}, caches evicted before each call (so before its first "
+                f"layer only); speedup against the faster bf16 stack")
+        notes += [note] if note not in notes else []
+    else:
+        layers, failed = variants(block, names)
     for name, why in failed.items():
         notes.append(f"{shape}: {name} does not run here: {why}")
         print(f"  {name}: does not run: {why}", flush=True)
@@ -372,15 +410,19 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
             torch._dynamo.reset()
             fns = {n: compile_layer(layers[n][0], fullgraph=not n.startswith("torchao"), name=n) for n in phase}
             for tokens in args.tokens:
+                first = len(rows)
                 _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes,
                                report_bf16=phase is phases[0])
+                for r in rows[first:] if args.stack > 1 else []:        # per layer of the stack
+                    r.update(variant=f"{r['variant']}, {STACK_LABEL.format(args.stack)}", ms=r["ms"] / args.stack,
+                             tokens_per_s=r["tokens_per_s"] * args.stack)
                 on_rows()
 
 
 def _measure_phase(shape, threads, tokens, fns, layers, block, args, rows, notes, report_bf16):
     xs = inputs(block, tokens, args.pool)
     ok, err = {}, {}
-    if tokens == 1 and report_bf16 and DEVICE.type == "cpu":
+    if tokens == 1 and report_bf16 and DEVICE.type == "cpu" and args.stack <= 1:
         ok[FRAME_NOTE] = compile_layer(_Frame(), True)
         ok[FRAME_NOTE](xs[0])
     for name, f in fns.items():           # compile (and check) before timing
@@ -615,7 +657,8 @@ def _merged(earlier: dict, now: dict) -> dict:
     frames = tuple(n.split(FRAME_NOTE)[0] + FRAME_NOTE for n in now["notes"] if FRAME_NOTE in n)   # measured again
     earlier_notes = [n for n in earlier["notes"] if not n.startswith(gone) and not (frames and n.startswith(frames))]
     shapes = list(dict.fromkeys(r["shape"] for r in earlier["rows"] + now["rows"]))
-    rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"],
+    stack = STACK_LABEL.split("{")[0]            # a stack's rows after the single layers'
+    rows = sorted(keep + now["rows"], key=lambda r: (shapes.index(r["shape"]), r["threads"], stack in r["variant"],
                                                      r["variant"].startswith("torchao"), r["tokens"]))
     return {**now, "rows": rows, "e2e": now["e2e"] or earlier["e2e"],
             "notes": earlier_notes + [n for n in now["notes"] if n not in earlier_notes],
@@ -668,6 +711,10 @@ def main():
     p.add_argument("--cudagraphs", action="store_true",
                    help="GPU: replay each compiled graph as a CUDA graph (Inductor's triton.cudagraphs, what "
                         "mode='reduce-overhead' sets): no launch overhead per kernel")
+    p.add_argument("--stack", type=int, default=1, metavar="L",
+                   help="time each variant as L distinct layers compiled as one frame (as in a model: torch.compile's "
+                        "entry paid once for L layers, each layer starting with the previous one's data in the "
+                        "caches) and report per-layer rows")
     p.add_argument("--combine", nargs="+", metavar="FILE",
                    help="measure nothing: write NAME from these result files, merged in order")
     args = p.parse_args()

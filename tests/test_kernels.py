@@ -303,6 +303,25 @@ def test_benchmark_variants_compile_frames_of_their_own():
     assert freed() is None
 
 
+def test_benchmark_stack_mode_chains_distinct_layers():
+    """bench_kernels.py --stack: each variant as layers with weights of their own, summed into the residual as in a
+    model; its bits are its first layer's."""
+    bench_kernels = _bench()
+    block, layers, failed = bench_kernels.stacked("tiny", ["bf16 batched_mm", "dynamoq mixed 2/4/6/8"], 3)
+    assert not failed and set(layers) == {"bf16 batched_mm", "dynamoq mixed 2/4/6/8"}
+    bf16, mixed = layers["bf16 batched_mm"][0], layers["dynamoq mixed 2/4/6/8"][0]
+    assert len(bf16.layers) == 3 and torch.equal(bf16.layers[0].experts.down_proj, block.experts.down_proj)
+    assert not torch.equal(bf16.layers[0].experts.down_proj, bf16.layers[1].experts.down_proj)
+    x = bench_kernels.inputs(block, 2, 1)[0]
+    with torch.no_grad():
+        h = x
+        for layer in bf16.layers:
+            h = h + layer(h)
+        assert torch.equal(bf16(x), h)
+    assert bench_kernels.storage_bits(mixed) == bench_kernels.storage_bits(mixed.layers[0])
+    assert bench_kernels.storage_bits(bf16) is None
+
+
 def test_benchmark_switched_variant_decodes_in_a_switched_state():
     """recipes/bench_kernels.py's switched row: every expert keeps ceil(1%) of its input channels, switched to 8
     bits (nonzero corrections, so the layer differs from the unswitched one), the effective bits count the
