@@ -369,7 +369,6 @@ def stacked(shape, names, depth: int):
 
 
 def run_shape(shape, args, rows, notes, on_rows=lambda: None):
-    block = moe_layer(shape)
     names = ["bf16 grouped_mm", "bf16 batched_mm", "torchao int8", "torchao int4", "dynamoq 4-bit",
              "dynamoq 3-bit", "dynamoq 2-bit", "dynamoq mixed 2/4/6/8", SWITCHED, CACHED]
     if DEVICE.type == "cpu" and dynamoq.native.available():      # the native decode kernel's A/B
@@ -390,6 +389,7 @@ def run_shape(shape, args, rows, notes, on_rows=lambda: None):
                 f"layer only); speedup against the faster bf16 stack")
         notes += [note] if note not in notes else []
     else:
+        block = moe_layer(shape)
         layers, failed = variants(block, names)
     for name, why in failed.items():
         notes.append(f"{shape}: {name} does not run here: {why}")
