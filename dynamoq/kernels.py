@@ -417,10 +417,10 @@ def expert_linear(w, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     a Triton kernel of ours where TRITON is on)."""
     if use_native(w, x):
         return native_linear(w, x, ids)
-    grouped = use_grouped(ids.shape[0], w.num_rows)
-    if use_triton(x) and not grouped:
+    grouped, triton = use_grouped(ids.shape[0], w.num_rows), use_triton(x)
+    if triton and not grouped:
         return triton_decode.linear(w, x, ids)
-    if use_triton(x) and triton_grouped.supports(w):
+    if triton and triton_grouped.supports(w):
         return triton_grouped.linear(w, x, ids)
     if guard_or_true(x.shape[0] != ids.shape[0]):          # (unbacked token counts: T != k T)
         x = x.repeat_interleave(ids.shape[0] // x.shape[0], dim=0)                 # [S, K]

@@ -15,9 +15,8 @@ gates as transformers does by default (kernels._silu_gated) takes two kernels: g
 
 Not measured on a GPU yet (none was lent since it was written): off by default (kernels.TRITON), checked against
 the dequantized product under Triton's interpreter, traced by torch.compile and compiled for sm_90 without a GPU
-(tests/test_triton_kernels.py);
-recipes/bench_gpu.sh measures it beside Inductor's loops, and on a GPU each shape's first call picks the rows per
-program and warps (_TUNED). Importing this module needs the triton package (on a CUDA machine it comes with
+(tests/test_triton_kernels.py); recipes/bench_gpu.sh measures it beside Inductor's loops, and on a GPU each shape's
+first call picks the rows per program and warps (_TUNED). Importing this module needs the triton package (on a CUDA machine it comes with
 torch; on CPU only TRITON_INTERPRET=1 runs the kernel); kernels.py imports it where triton is installed.
 """
 from __future__ import annotations
@@ -158,6 +157,14 @@ _TUNED = _decode if INTERPRET else triton.autotune(
     key=["N", "K", "GS", "GATED", "PAIRS"])(_decode)
 
 
+def layout(groups: int, group_size: int) -> dict:
+    """The kernels' constants for rows of `groups` groups of `group_size` inputs: K, G, GS, the chunk bytes L
+    (packing.lanes) and B{w}, a group's bytes in a plane of width w rounded up to a power of two."""
+    pow2 = triton.next_power_of_2
+    return dict(K=groups * group_size, G=groups, GS=group_size, L=packing.lanes(group_size), B1=pow2(group_size // 8),
+                B2=pow2(group_size // 4), B4=pow2(group_size // 2), B8=pow2(group_size))
+
+
 @torch.library.triton_op("dynamoq::triton_decode", mutates_args={})
 def triton_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, q2: torch.Tensor,
                   q3: torch.Tensor, q4: torch.Tensor, q6: torch.Tensor, q8: torch.Tensor, scale: torch.Tensor,
@@ -181,8 +188,7 @@ def triton_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, met
         block = {"BLOCK": BLOCK_N} if INTERPRET else {}
         torch.library.wrap_triton(_TUNED)[lambda cfg: (rows_out, triton.cdiv(cols_out, cfg["BLOCK"]))](
             x, xsum, ids, weights, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, n, s_ // x_rows,
-            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), R=r, RP=pow2(max(r, 1)), B1=pow2(gs // 8), B2=pow2(gs // 4),
-            B4=pow2(gs // 2), B8=pow2(gs), GATED=gated, PAIRS=pairs, **steps, **block)
+            R=r, RP=pow2(max(r, 1)), GATED=gated, PAIRS=pairs, **layout(g_, gs), **steps, **block)
     return y
 
 

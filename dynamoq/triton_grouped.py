@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import packing
-from .triton_decode import INTERPRET, codes_and_cache
+from .triton_decode import INTERPRET, codes_and_cache, layout
 
 BLOCKS = (16, 32)     # (pairs, rows) per program under the interpreter (on a GPU: autotuned, _TUNED)
 MIN_GROUP = 16
@@ -144,15 +143,14 @@ def triton_grouped(x: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, q2: t
     gs, r = group_size, cache_idx.shape[1]
     y = x.new_zeros(s_, n, dtype=torch.float32)
     if s_:
-        pow2 = triton.next_power_of_2
         sorted_ids, order = ids.sort(stable=True)
         offs = torch.searchsorted(sorted_ids, torch.arange(e_ + 1, device=ids.device, dtype=sorted_ids.dtype))
         xsum = x.float().view(x_rows, g_, gs).sum(-1)                                  # [X, G]
         block = dict(zip(("BM", "BN"), BLOCKS)) if INTERPRET else {}
         torch.library.wrap_triton(_TUNED)[lambda cfg: (e_, triton.cdiv(n, cfg["BN"]))](
             x, xsum, order, offs, meta, q2, q3, q4, q6, q8, scale, zero, cache_idx, cache_delta, y, n, s_ // x_rows,
-            K=g_ * gs, G=g_, GS=gs, L=packing.lanes(gs), R=r, RP=max(16, pow2(max(r, 1))), B1=pow2(gs // 8),
-            B2=pow2(gs // 4), B4=pow2(gs // 2), B8=pow2(gs), F32=x.dtype == torch.float32, **block)
+            R=r, RP=max(16, triton.next_power_of_2(max(r, 1))), F32=x.dtype == torch.float32, **layout(g_, gs),
+            **block)
     return y
 
 

@@ -228,9 +228,7 @@ def stack_bytes(fn, consts, **options):
 
 
 def shape(gs, r=0, K=2048):
-    p2 = triton.next_power_of_2
-    return dict(K=K, G=K // gs, GS=gs, L=packing.lanes(gs), R=r, B1=p2(gs // 8), B2=p2(gs // 4), B4=p2(gs // 2),
-                B8=p2(gs))
+    return dict(triton_decode.layout(K // gs, gs), R=r)
 
 
 print("tiles", len(triton_grouped.TILES))
